@@ -1,0 +1,40 @@
+"""megatron-tempnet: Megatron-style pretraining with learned per-token temperatures (TempNet + DRO)."""
+from setuptools import setup
+
+setup(
+    name="megatron-tempnet",
+    version="0.1.0",
+    description="Tensor/pipeline-parallel GPT and LLaMA pretraining on megatron-core with a TempNet head and a DRO loss",
+    python_requires=">=3.10",
+    packages=[
+        "megatron_tempnet",
+        "megatron_tempnet.models",
+        "megatron_tempnet.data",
+        "megatron_tempnet.training",
+        "megatron_tempnet.inference",
+        "tempnet_kernels",
+    ],
+    package_dir={"tempnet_kernels": "kernels"},
+    install_requires=[
+        # torch is not pinned to an exact build: on CPU machines install torch==2.13.0 (CPU wheel) first.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "packaging",
+        "psutil",  # needed by megatron-core's dist_checkpointing at run time
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "triton"],
+        "hf": ["transformers>=4.40", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "triton", "transformers>=4.40", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tempnet-train=megatron_tempnet.train:main",
+        ],
+    },
+)
