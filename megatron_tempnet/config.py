@@ -1,0 +1,380 @@
+"""One configuration tree for a run: YAML files plus Megatron-LM style command-line flags.
+
+    cfg = load_config(["--config", "examples/configs/tiny_llama.yaml", "--tensor-model-parallel-size", "2"])
+
+Every field of every section is a flag. The flag is the field name with dashes, prefixed by the section's
+flag prefix: `model.num_layers` -> `--num-layers`, `tempnet.lr` -> `--tempnet-lr`, `loss.dro_rho` ->
+`--dro-rho`. Flags override the YAML file, which overrides the defaults below. Unknown YAML keys are an
+error (with a suggestion), never silently ignored.
+
+`validate(cfg, world_size)` refuses impossible combinations before any rank does work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the problem and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # "gpt" (GPT-2 shape) or "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention (LLaMA); None = one group per head
+    ffn_hidden_size: Optional[int] = None  # None: 4*hidden (GPT), 8/3*hidden rounded to 64 (LLaMA)
+    seq_length: int = 64
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    vocab_size: int = 1024  # true vocabulary size; taken from the tokenizer when a dataset is given
+    make_vocab_size_divisible_by: int = 128  # padding independent of TP, so checkpoints reshard
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: str = "auto"  # "auto" (TE when a GPU and TE are present), "local", "transformer_engine"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    distributed_backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl", "gloo"
+    distributed_timeout_minutes: int = 10
+
+
+@dataclass
+class DataConfig:
+    mock_data: bool = False  # synthetic tokens; no files needed
+    data_path: list = field(default_factory=list)  # Megatron syntax: [w1, prefix1, w2, prefix2, ...] or [prefix, ...]
+    split: str = "949,50,1"
+    data_cache_path: Optional[str] = None
+    tokenizer_model: Optional[str] = None  # sentencepiece .model (or a Hugging Face tokenizer folder)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "scratch"  # "scratch", "finetune" (from --pretrained-checkpoint), "frozen_lm" (TempNet only)
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    seed: int = 1234
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 10
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 50
+    eval_iters: int = 5
+
+
+@dataclass
+class TempNetConfig:
+    """TempNet head (DESIGN.md): tau = tau_min + (tau_max - tau_min) * sigmoid(...), per token."""
+
+    enabled: bool = False
+    hidden_size: int = 256  # d: TempNet's first layer maps the vocabulary to d
+    tau_min: float = 0.5  # GPT-2 reference bounds [0.5, 5.0]; LLaMA [0.01, 2.0]
+    tau_max: float = 5.0
+    dropout: float = 0.0
+    input_variant: str = "normalized"  # "normalized": z/||z||; "max_shifted": (z - max z)/||z - max z||
+    lr: float = 1e-4  # TempNet's own learning rate (the paper used 2e-6 .. 1e-4)
+    min_lr: float = 1e-5
+
+
+@dataclass
+class LossConfig:
+    dro_rho: Optional[float] = None  # None: log V, which with tau = 1 is plain cross-entropy
+    loss_impl: str = "reference"  # "reference" (materialised vocab-parallel logits) or "fused"
+
+
+@dataclass
+class FP8Config:
+    fp8_format: Optional[str] = None  # None (off), "e4m3", "hybrid"; needs Transformer Engine and a GPU
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last: int = 2
+    pretrained_checkpoint: Optional[str] = None  # model weights only (finetune / frozen_lm)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    tau_histogram_interval: int = 50
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tempnet: TempNetConfig = field(default_factory=TempNetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Flag prefix per section: the Megatron-LM names are kept where they exist.
+_FLAG_PREFIX = {"tempnet": "tempnet-"}
+_SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _flag(section: str, name: str) -> str:
+    return "--" + _FLAG_PREFIX.get(section, "") + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """int for Optional[int], etc."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    cls = type(getattr(Config(), section))
+    return typing.get_type_hints(cls)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron_tempnet.train",
+        description="Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config.",
+    )
+    parser.add_argument("--config", help="YAML file with sections: " + ", ".join(_SECTIONS))
+    parser.add_argument("--dry-run", action="store_true", help="validate the configuration and exit")
+    for section in _SECTIONS:
+        group = parser.add_argument_group(section)
+        for name, tp in _section_types(section).items():
+            base = _base_type(tp)
+            dest = f"{section}.{name}"
+            if base is bool:
+                group.add_argument(_flag(section, name), dest=dest, action=argparse.BooleanOptionalAction, default=None)
+            elif base is list or typing.get_origin(base) is list:
+                group.add_argument(_flag(section, name), dest=dest, nargs="+", default=None)
+            else:
+                group.add_argument(_flag(section, name), dest=dest, type=base, default=None)
+    return parser
+
+
+def _coerce(section: str, name: str, value: Any) -> Any:
+    tp = _base_type(_section_types(section)[name])
+    if value is None or tp is list or typing.get_origin(tp) is list:
+        return value
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return float(value)
+    if tp is not bool and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{section}.{name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply_yaml(cfg: Config, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections ({', '.join(_SECTIONS)})")
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            hint = difflib.get_close_matches(section, _SECTIONS, n=1)
+            raise ConfigError(
+                f"{path}: unknown section '{section}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid sections: {', '.join(_SECTIONS)}")
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        known = _section_types(section)
+        for name, value in values.items():
+            if name not in known:
+                hint = difflib.get_close_matches(name, list(known), n=1)
+                raise ConfigError(
+                    f"{path}: unknown key '{section}.{name}'"
+                    + (f" (did you mean '{section}.{hint[0]}'?)" if hint else f"; valid keys: {', '.join(known)}")
+                )
+            setattr(getattr(cfg, section), name, _coerce(section, name, value))
+
+
+def load_config(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
+    """Parse flags (and the YAML file they name) into a Config. Returns (config, parsed namespace)."""
+    args = _build_parser().parse_args(argv)
+    cfg = Config()
+    if args.config:
+        _apply_yaml(cfg, args.config)
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, name = dest.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg, args
+
+
+def padded_vocab_size(cfg: ModelConfig) -> int:
+    """Vocabulary padded to a multiple of make_vocab_size_divisible_by (independent of TP on purpose)."""
+    m = cfg.make_vocab_size_divisible_by
+    return int(math.ceil(cfg.vocab_size / m) * m)
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size is not None:
+        return cfg.ffn_hidden_size
+    if cfg.arch == "llama":
+        return int(math.ceil(8 * cfg.hidden_size / 3 / 64) * 64)
+    return 4 * cfg.hidden_size
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+
+
+def _choice(value: Any, choices: tuple, what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
+    """Refuse impossible combinations with a message that names the problem and the fix.
+
+    Called on every rank before any collective, so a bad run fails in seconds, identically everywhere.
+    """
+    m, p, t, tn = cfg.model, cfg.parallel, cfg.train, cfg.tempnet
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    _choice(m.arch, ("gpt", "llama"), "--arch")
+    _choice(m.transformer_impl, ("auto", "local", "transformer_engine"), "--transformer-impl")
+    _choice(p.distributed_backend, ("auto", "nccl", "gloo"), "--distributed-backend")
+    _choice(t.mode, ("scratch", "finetune", "frozen_lm"), "--mode")
+    _choice(t.precision, ("auto", "fp32", "bf16", "fp16"), "--precision")
+    _choice(t.lr_decay_style, ("cosine", "linear", "constant"), "--lr-decay-style")
+    _choice(tn.input_variant, ("normalized", "max_shifted"), "--tempnet-input-variant")
+    _choice(cfg.loss.loss_impl, ("reference", "fused"), "--loss-impl")
+
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
+            f"launch a multiple of {tp * pp} ranks or change the parallel sizes"
+        )
+    dp = data_parallel_size(cfg, world_size)
+    if m.num_attention_heads % tp != 0:
+        raise ConfigError(
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}; choose a TP size that divides the head count"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups != 0:
+        raise ConfigError(f"--num-query-groups {groups} must divide --num-attention-heads {m.num_attention_heads}")
+    if groups % tp != 0:
+        raise ConfigError(
+            f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}; "
+            "use a TP size that divides the number of key/value groups"
+        )
+    if m.hidden_size % m.num_attention_heads != 0:
+        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
+    if ffn_hidden_size(m) % tp != 0:
+        raise ConfigError(f"FFN hidden size {ffn_hidden_size(m)} is not divisible by TP {tp}; set --ffn-hidden-size")
+    stages = pp * (vpp or 1)
+    if m.num_layers % stages != 0:
+        what = f"PP x virtual stages = {pp} x {vpp}" if vpp else f"--pipeline-model-parallel-size {pp}"
+        raise ConfigError(
+            f"--num-layers {m.num_layers} is not divisible by {what}; "
+            f"use a layer count that is a multiple of {stages}"
+        )
+    if vpp is not None and (pp < 2 or vpp < 2):
+        raise ConfigError("--virtual-pipeline-model-parallel-size needs PP >= 2 and a value >= 2 (or leave it unset)")
+    if padded_vocab_size(m) % tp != 0:
+        raise ConfigError(
+            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP {tp}; "
+            f"set --make-vocab-size-divisible-by to a multiple of {tp}"
+        )
+    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size {t.micro_batch_size} "
+            f"x data-parallel size {dp}; use a global batch that is a multiple of {t.micro_batch_size * dp}"
+        )
+    if pp > 1 and vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % pp != 0:
+        raise ConfigError(
+            f"the interleaved schedule needs the number of micro-batches "
+            f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of PP {pp}; adjust --global-batch-size"
+        )
+    if m.max_position_embeddings is not None and m.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+
+    if cfg.fp8.fp8_format is not None:
+        _choice(cfg.fp8.fp8_format, ("e4m3", "hybrid"), "--fp8-format")
+        if not cuda_available:
+            raise ConfigError(
+                "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
+                "drop --fp8-format to train in fp32/bf16 here"
+            )
+        if not te_available:
+            raise ConfigError(
+                "--fp8-format needs Transformer Engine; install it with `pip install -e .[gpu]` on the GPU machine "
+                "or drop --fp8-format"
+            )
+        if m.transformer_impl == "local":
+            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
+    if m.transformer_impl == "transformer_engine" and not (cuda_available and te_available):
+        raise ConfigError(
+            "--transformer-impl transformer_engine needs a CUDA GPU with Transformer Engine installed; "
+            "use --transformer-impl local (or auto)"
+        )
+    if p.sequence_parallel and not (cuda_available and te_available):
+        raise ConfigError(
+            "--sequence-parallel needs Transformer Engine (or apex) LayerNorm on a GPU; drop it on this machine"
+        )
+    if t.precision in ("bf16", "fp16") and not cuda_available:
+        raise ConfigError(f"--precision {t.precision} is for GPUs; use --precision fp32 (or auto) on a CPU")
+
+    if tn.enabled:
+        if not 0 < tn.tau_min < tn.tau_max:
+            raise ConfigError(f"TempNet needs 0 < --tempnet-tau-min < --tempnet-tau-max; got {tn.tau_min}, {tn.tau_max}")
+        if tn.hidden_size < 1:
+            raise ConfigError("--tempnet-hidden-size must be positive")
+    if t.mode == "frozen_lm" and not tn.enabled:
+        raise ConfigError("--mode frozen_lm trains TempNet only; enable it with --tempnet-enabled")
+    if t.mode in ("finetune", "frozen_lm") and not cfg.checkpoint.pretrained_checkpoint and not cfg.checkpoint.load:
+        raise ConfigError(
+            f"--mode {t.mode} starts from a trained LM; pass --pretrained-checkpoint DIR (or --load DIR to resume)"
+        )
+    if not cfg.data.mock_data and not cfg.data.data_path:
+        raise ConfigError("no training data: pass --data-path PREFIX [...] (see tools/preprocess_data.py) or --mock-data")
+    if cfg.data.data_path and not cfg.data.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
+    if t.train_iters < 1:
+        raise ConfigError("--train-iters must be >= 1")

@@ -1,0 +1,49 @@
+"""Layer specs: which implementation builds each transformer layer, chosen without touching the model.
+
+`local` is megatron-core's pure-torch spec (CPU and GPU); `transformer_engine` is megatron-core's TE spec
+(GPU, required for FP8). Both are wrapped so that every layer's initialisation is seeded by its global
+layer number: the same seed gives the same weights at any TP/PP/VPP layout, so a parallel run can be
+compared with the single-rank run from step 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+
+# Offsets that keep the per-layer seeds apart from the embedding's and TempNet's streams.
+LAYER_SEED_OFFSET = 1000
+_SEED = {"base": 1234}
+
+
+def set_init_seed(seed: int) -> None:
+    """The base seed for layout-independent initialisation (set before building a model)."""
+    _SEED["base"] = seed
+
+
+def layer_init_seed(global_layer_number: int) -> int:
+    return _SEED["base"] + LAYER_SEED_OFFSET + global_layer_number
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """megatron-core's TransformerLayer, initialised from a seed that depends only on its global index."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, vp_stage=None, **kwargs):
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        global_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        torch.manual_seed(layer_init_seed(global_number))
+        super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
+
+
+def layer_spec(arch: str, use_transformer_engine: bool) -> ModuleSpec:
+    """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if arch == "llama" else "LayerNorm")
+    return dataclasses.replace(spec, module=SeededTransformerLayer)

@@ -1,0 +1,135 @@
+"""TempNet: a small network that predicts a temperature for every token from the LM's logits.
+
+Qiu et al. 2024, "To Cool or not to Cool? Temperature Network Meets Large Foundation Models via DRO".
+With z the token's logits over the true vocabulary (detached: no gradient reaches the LM through here):
+
+    x   = z / ||z||                        ("normalized";  "max_shifted" uses z - max(z) instead of z)
+    h   = W2 . dropout(sigmoid(W1 x + b1)) + b2          W1: V -> d,  W2: d -> d
+    w   = softmax(h / exp(s))                            s: learnable scalar, starts at 0
+    tau = tau_min + (tau_max - tau_min) * sigmoid(a . ((w - 1/d) * h) + c)     a starts at 1, c at 0
+
+Vocabulary parallelism: W1's columns are split like the output layer's rows, so each tensor-parallel rank
+holds W1[:, its vocabulary shard]. The rank computes W1_shard z_shard and ||z_shard||^2; one all-reduce
+sums both, and everything after W1 is replicated on every TP rank. Padded vocabulary entries are
+excluded (their logits count as 0).
+
+Two ways to get the first layer, with the same result:
+- `forward(logits_shard)` from materialised vocabulary-parallel logits;
+- `forward_from_hidden(hidden, output_weight_shard)` without logits: W1 z = (W1 C) e and
+  ||z||^2 = e^T (C^T C) e, with e the final hidden state and C the output weight. Cost per step: a d x D
+  and a D x D matrix instead of N x V logits.
+
+Every parameter carries `is_tempnet_parameter = True`, so the optimizer can give TempNet its own learning rate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+
+from ..config import TempNetConfig
+
+TEMPNET_SEED_OFFSET = 7
+
+
+def _uniform(gen: torch.Generator, shape, bound: float) -> torch.Tensor:
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
+def _vocab_shard(padded_vocab_size: int) -> tuple[int, int]:
+    """(start, size) of this rank's contiguous vocabulary shard."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    size = padded_vocab_size // tp_size
+    return parallel_state.get_tensor_model_parallel_rank() * size, size
+
+
+class TempNet(torch.nn.Module):
+    def __init__(self, cfg: TempNetConfig, vocab_size: int, padded_vocab_size: int, seed: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.hidden_size = d
+        self.tau_min, self.tau_max = cfg.tau_min, cfg.tau_max
+        self.input_variant = cfg.input_variant
+        self.vocab_size = vocab_size
+        start, size = _vocab_shard(padded_vocab_size)
+        self.vocab_start = start
+        # Columns of this shard that are real vocabulary entries (the rest is padding).
+        self.valid_local = max(0, min(size, vocab_size - start))
+
+        # Initialised from a generator of its own, over the full vocabulary, then sliced: the same weights
+        # at every TP size. Same distributions as torch.nn.Linear's defaults.
+        gen = torch.Generator().manual_seed(seed + TEMPNET_SEED_OFFSET)
+        w1_full = _uniform(gen, (d, padded_vocab_size), 1 / math.sqrt(vocab_size))
+        self.w1 = torch.nn.Parameter(w1_full[:, start : start + size].clone())
+        tensor_parallel.set_tensor_model_parallel_attributes(self.w1, is_parallel=True, dim=1, stride=1)
+        self.b1 = torch.nn.Parameter(_uniform(gen, (d,), 1 / math.sqrt(vocab_size)))
+        self.proj = torch.nn.Linear(d, d)
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))  # s
+        self.last = torch.nn.Linear(d, 1)
+        with torch.no_grad():
+            self.proj.weight.copy_(_uniform(gen, (d, d), 1 / math.sqrt(d)))
+            self.proj.bias.copy_(_uniform(gen, (d,), 1 / math.sqrt(d)))
+            self.last.weight.fill_(1.0)
+            self.last.bias.fill_(0.0)
+        self.dropout = torch.nn.Dropout(cfg.dropout)
+        for p in self.parameters():
+            p.is_tempnet_parameter = True
+
+    # -- first layer -------------------------------------------------------------------------------------
+
+    def _reduce(self, w1z: torch.Tensor, sq_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the shards' partial products over the TP group (W1 gets each rank's full upstream gradient)."""
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            w1z = tensor_parallel.reduce_from_tensor_model_parallel_region(w1z)
+            dist.all_reduce(sq_norm, group=parallel_state.get_tensor_model_parallel_group())
+        return w1z, sq_norm
+
+    def forward(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        """logits_shard: [..., V/TP] vocabulary-parallel logits. Returns tau: [...] in [tau_min, tau_max]."""
+        z = logits_shard.detach().float()[..., : self.valid_local]
+        if self.input_variant == "max_shifted":
+            z = z - vocab_parallel_max(z).unsqueeze(-1)
+        w1z = z @ self.w1[:, : self.valid_local].t()
+        sq_norm = (z * z).sum(-1)
+        return self.head(*self._reduce(w1z, sq_norm))
+
+    def forward_from_hidden(
+        self, hidden: torch.Tensor, output_weight: torch.Tensor, logit_max: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits-free first layer. hidden: [..., D] final hidden states e; output_weight: [V/TP, D] this
+        rank's rows of C; logit_max: [...] global max_k z_k, needed by the max_shifted variant."""
+        e = hidden.detach().float()
+        c = output_weight.detach().float()[: self.valid_local]
+        w1 = self.w1[:, : self.valid_local]
+        w1z = e @ (w1 @ c).t()  # (W1 C) e
+        sq_norm = ((e @ (c.t() @ c)) * e).sum(-1)  # e^T (C^T C) e
+        if self.input_variant == "max_shifted":
+            if logit_max is None:
+                raise ValueError("the max_shifted TempNet input needs the per-token logit max (logit_max)")
+            m = logit_max.float()
+            z_sum = e @ c.sum(0)  # sum_k z_k over this shard
+            w1z = w1z - m.unsqueeze(-1) * w1.sum(1)
+            sq_norm = sq_norm - 2 * m * z_sum + m * m * self.valid_local
+        return self.head(*self._reduce(w1z, sq_norm))
+
+    # -- the rest (replicated on every TP rank) ----------------------------------------------------------
+
+    def head(self, w1z: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+        """w1z: [..., d] = W1 z; sq_norm: [...] = ||z||^2. Returns tau: [...]."""
+        x = w1z / sq_norm.clamp_min(1e-24).sqrt().unsqueeze(-1) + self.b1  # W1 (z/||z||) + b1
+        h = self.proj(self.dropout(torch.sigmoid(x)))
+        w = F.softmax(h / self.log_scale.exp(), dim=-1)
+        score = self.last((w - 1.0 / self.hidden_size) * h).squeeze(-1)
+        return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(score)
+
+
+def vocab_parallel_max(z_shard: torch.Tensor) -> torch.Tensor:
+    """max over the last (vocabulary-parallel) dimension across the TP group, without gradient."""
+    m = z_shard.detach().amax(-1) if z_shard.size(-1) else z_shard.new_full(z_shard.shape[:-1], -float("inf"))
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+    return m

@@ -1,0 +1,224 @@
+"""Where a run executes: the device, the torch.distributed backend, and megatron-core's process groups.
+
+NCCL + CUDA when a GPU is present, gloo + CPU otherwise. Ranks are found from torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or, when srun starts one task per rank,
+from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST, SLURM_JOB_ID).
+
+This is also the one place that adapts megatron-core to a CPU. megatron-core 0.16 assumes CUDA in a few
+spots; on a machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of them work on the CPU:
+
+| megatron-core assumes                                      | on CPU                                        |
+|------------------------------------------------------------|-----------------------------------------------|
+| torch.cuda.current_device() as a device for buffers        | returns the CPU device                        |
+| torch.cuda.synchronize() / current_stream() (p2p, DDP, ckpt) | no-op / a stand-in stream                     |
+| device="cuda" literals (pipeline schedules, optimizer,     | a torch function mode maps them to the CPU;   |
+|   clip_grads, grad buffers) and Tensor.cuda()              |   .cuda() returns the tensor itself           |
+| the optimizers accept only torch.cuda.*Tensor parameters   | Tensor.type() reports CPU float tensors as    |
+|                                                            |   their CUDA names to those checks            |
+| the CUDA RNG tracker (model-parallel dropout seeds)        | megatron-core's no-op tracker; dropout draws  |
+|                                                            |   from the CPU generator                      |
+
+Nothing else in the project patches megatron-core; tests/test_platform.py checks each row.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'node[01-04,07]' -> 'node01', 'a,b' -> 'a'."""
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def discover_env(environ: Optional[dict] = None) -> DistEnv:
+    """Rank layout from torchrun's variables, else SLURM's, else a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = env.get("SLURM_JOB_ID", "0")
+        # A port derived from the job id: jobs sharing a node do not collide, and every task agrees.
+        port = 20000 + int(hashlib.sha1(job.encode()).hexdigest(), 16) % 20000
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")),
+            master_port=int(env.get("MASTER_PORT", port)),
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine can be imported on a CUDA machine. Never imports it on a CPU machine
+    (importing it there fails, and breaks megatron-core)."""
+    if not use_cuda():
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU adaptation of megatron-core
+# ----------------------------------------------------------------------------------------------------
+
+
+class _CpuStream:
+    """Stand-in for torch.cuda.Stream on a CPU: work is synchronous, so waiting is a no-op."""
+
+    def wait_stream(self, *_a, **_k) -> None: ...
+    def wait_event(self, *_a, **_k) -> None: ...
+    def record_event(self, *_a, **_k) -> None: ...
+    def synchronize(self) -> None: ...
+    def __enter__(self): return self
+    def __exit__(self, *exc) -> None: ...
+
+
+_CUDA_TENSOR_TYPES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)  # a bare int is a CUDA ordinal
+
+
+class CpuDeviceMode(TorchFunctionMode):
+    """Maps CUDA device requests made by megatron-core onto the CPU (only installed without CUDA)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TENSOR_TYPES.get(name, name)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_CPU_MODE: Optional[CpuDeviceMode] = None
+
+
+def adapt_megatron_core_for_cpu() -> None:
+    """Make megatron-core's CUDA assumptions hold on a CPU. Idempotent; does nothing when CUDA is present."""
+    global _CPU_MODE
+    if use_cuda() or _CPU_MODE is not None:
+        return
+    cpu = torch.device("cpu")
+    torch.cuda.current_device = lambda: cpu
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
+    torch.cuda.default_stream = lambda *a, **k: _CpuStream()
+    torch.cuda.Stream = lambda *a, **k: _CpuStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _CPU_MODE = CpuDeviceMode()
+    _CPU_MODE.__enter__()  # for the life of the process
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process groups
+# ----------------------------------------------------------------------------------------------------
+
+
+def init_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    backend: str = "auto",
+    timeout_minutes: int = 10,
+    seed: int = 1234,
+) -> DistEnv:
+    """Start torch.distributed and megatron-core's model-parallel groups, and seed every RNG.
+
+    Seeds: the CPU generator gets `seed` (so model initialisation is the same on every rank; with
+    megatron-core's CPU initialisation each rank takes its slice of one full weight), and CUDA's
+    model-parallel tracker gets megatron-core's per-TP-rank seeds.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    env = discover_env()
+    if backend == "auto":
+        backend = "nccl" if use_cuda() else "gloo"
+    if use_cuda():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        adapt_megatron_core_for_cpu()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not use_cuda(), force_reset_rng=True)
+    return env
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

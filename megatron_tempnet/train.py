@@ -1,0 +1,38 @@
+"""Entry point: `torchrun --nproc_per_node N -m megatron_tempnet.train --config CONFIG.yaml [flags]`.
+
+Also installed as the console script `tempnet-train`. `--dry-run` validates the configuration and exits.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from . import platform
+from .config import ConfigError, load_config, validate
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg, args = load_config(argv)
+    env = platform.discover_env()
+    try:
+        validate(cfg, env.world_size, cuda_available=platform.use_cuda(),
+                 te_available=platform.transformer_engine_available())
+    except ConfigError as err:
+        if env.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if env.rank == 0:
+            print("configuration is valid")
+        return 0
+    from .training.loop import train
+
+    try:
+        train(cfg)
+    finally:
+        platform.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The training run: set up the ranks, the model, the optimizer and the data, then train and evaluate."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.utils import get_model_config
+
+from .. import platform
+from ..config import Config
+from .batches import MockTokens, micro_batches
+from .model_setup import build_model_chunks
+from .optim import build_optimizer, build_scheduler
+from .step import evaluate, train_step
+from .tracker import RunLogger
+
+
+@dataclass
+class RunState:
+    """Where a run stands; what a checkpoint restores besides weights and optimizer state."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: List[dict] = field(default_factory=list)  # per-step metrics (without tau values)
+
+
+def build_datasets(cfg: Config):
+    """(train, valid) map-style datasets of {"tokens", "labels", "loss_mask"} items."""
+    t, m = cfg.train, cfg.model
+    n_train = t.train_iters * t.global_batch_size
+    n_valid = (t.train_iters // max(t.eval_interval, 1) + 1) * t.eval_iters * t.global_batch_size
+    if cfg.data.mock_data:
+        return (MockTokens(m.vocab_size, m.seq_length, n_train, seed=t.seed),
+                MockTokens(m.vocab_size, m.seq_length, n_valid, seed=t.seed + 1))
+    from ..data.datasets import build_gpt_datasets  # needs files on disk
+
+    train, valid, _ = build_gpt_datasets(
+        cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, cfg.data.tokenizer_model,
+        (n_train, n_valid, 0), cfg.data.data_cache_path)
+    return train, valid
+
+
+def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int) -> list:
+    """One iterator per model chunk, each over the same micro-batches (interleaving pulls them per chunk)."""
+    return [
+        micro_batches(dataset, consumed_samples=consumed_samples, micro_batch_size=cfg.train.micro_batch_size,
+                      global_batch_size=cfg.train.global_batch_size,
+                      dp_rank=parallel_state.get_data_parallel_rank(),
+                      dp_size=parallel_state.get_data_parallel_world_size(), device=platform.device())
+        for _ in range(num_chunks)
+    ]
+
+
+def setup_run(cfg: Config):
+    """Process groups, model chunks (DDP-wrapped), optimizer and scheduler for this rank."""
+    p = cfg.parallel
+    platform.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                              p.virtual_pipeline_model_parallel_size, p.distributed_backend,
+                              p.distributed_timeout_minutes, cfg.train.seed)
+    model = build_model_chunks(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    mcfg = get_model_config(model[0])
+    mcfg.grad_scale_func = optimizer.scale_loss
+    mcfg.finalize_model_grads_func = finalize_model_grads
+    return model, optimizer, scheduler
+
+
+def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
+    """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics."""
+    model, optimizer, scheduler = setup_run(cfg)
+    state = state or RunState()
+    if cfg.checkpoint.pretrained_checkpoint:
+        from .checkpointing import load_model_weights
+
+        load_model_weights(cfg.checkpoint.pretrained_checkpoint, model)
+    train_ds, valid_ds = build_datasets(cfg)
+    train_iters = data_iterators(cfg, train_ds, state.consumed_samples, len(model))
+    valid_iters = data_iterators(cfg, valid_ds, 0, len(model))
+    logger = RunLogger(cfg)
+    t = cfg.train
+    try:
+        while state.iteration < t.train_iters:
+            metrics = train_step(cfg, model, optimizer, scheduler, train_iters)
+            state.iteration += 1
+            state.consumed_samples += t.global_batch_size
+            logger.train_step(state.iteration, metrics)
+            state.history.append({k: v for k, v in metrics.items() if k != "tau_values"})
+            if t.eval_interval and state.iteration % t.eval_interval == 0 and state.iteration < t.train_iters:
+                logger.evaluation(state.iteration, evaluate(cfg, model, valid_iters, t.eval_iters))
+        final = evaluate(cfg, model, valid_iters, t.eval_iters)
+        logger.evaluation(state.iteration, final)
+        state.history.append({"final_eval": final})
+    finally:
+        logger.close()
+    return state

@@ -1,0 +1,60 @@
+"""megatron-core optimizer (Adam; distributed optimizer as an option) and warmup + decay schedule.
+
+TempNet's parameters form their own parameter groups with their own learning rate (--tempnet-lr,
+--tempnet-min-lr); the schedule's shape (warmup, decay) is shared.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ..config import Config
+from .model_setup import params_dtype
+
+
+def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):
+    t = cfg.train
+    dtype = params_dtype(cfg)
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    overrides = get_standard_config_overrides(opt_cfg)  # no weight decay on biases and norms
+    if cfg.tempnet.enabled:
+        overrides[ParamKey(attr="is_tempnet_parameter")] = {"max_lr": cfg.tempnet.lr, "min_lr": cfg.tempnet.min_lr}
+    return get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides)
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """Schedule in samples, as Megatron-LM counts it: step(increment=global_batch_size) once per iteration."""
+    t = cfg.train
+    gbs = t.global_batch_size
+    decay_iters = t.lr_decay_iters or t.train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters * gbs,
+        lr_decay_steps=max(decay_iters * gbs, t.lr_warmup_iters * gbs + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=decay_iters * gbs,
+        wd_incr_style="constant",
+    )

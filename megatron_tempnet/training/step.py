@@ -1,0 +1,138 @@
+"""One training step and one evaluation pass through megatron-core's pipeline schedules.
+
+The schedules (no pipelining, 1F1B, interleaved 1F1B) call `forward_step` per micro-batch; on the last
+stage `loss_func` turns the model's per-token loss into a token sum, which megatron-core backpropagates and
+later divides by the global token count (calculate_per_token_loss): the loss is the mean over every
+token of the global batch, at any DP size and any number of micro-batches.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .. import platform
+from ..config import Config
+from ..loss import tau_scaled_cross_entropy
+from ..models.language_model import LMOutput
+from .batches import Batch
+from .model_setup import unwrap
+
+# Layout of the per-micro-batch statistics vector (summed over micro-batches and DP ranks).
+STATS = ("loss_sum", "tokens", "ce_tau_sum", "tau_sum", "tau_sq_sum", "ce1_sum")
+
+
+def loss_func(loss_mask: torch.Tensor, rho: float, vocab_size: int, output: LMOutput):
+    """(loss sum, token count, report) for one micro-batch on the last stage."""
+    mask = loss_mask.float()
+    loss_sum = (output.loss * mask).sum()
+    tokens = mask.sum()
+    ce_tau = tau_scaled_cross_entropy(output.loss, output.tau, rho, vocab_size)
+    tau = output.tau.detach().float() if output.tau is not None else torch.ones_like(mask)
+    ce1 = output.ce_at_tau1 if output.ce_at_tau1 is not None else ce_tau
+    stats = torch.stack([
+        loss_sum.detach(), tokens, (ce_tau * mask).sum(), (tau * mask).sum(), (tau * tau * mask).sum(),
+        (ce1.detach() * mask).sum(),
+    ])
+    report = {"stats": stats}
+    if output.tau is not None:
+        report["tau_values"] = tau[mask.bool()]
+    return loss_sum, tokens.to(torch.int), report
+
+
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data_iterator)
+    lm = unwrap(model)
+    output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
+    return output, partial(loss_func, batch.loss_mask, lm.rho, lm.true_vocab_size)
+
+
+def _num_microbatches(cfg: Config) -> int:
+    dp = parallel_state.get_data_parallel_world_size()
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def _reduce_reports(reports: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sum the statistics over micro-batches and DP ranks, shared with every pipeline stage.
+    Returns (stats [len(STATS)] float64, this rank's tau values or None)."""
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    taus = None
+    if last_stage and reports:
+        stats = sum(r["stats"].double().cpu() for r in reports)
+        if "tau_values" in reports[0]:
+            taus = torch.cat([r["tau_values"].cpu() for r in reports])
+    stats = stats.to(platform.device())
+    if last_stage:
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(stats, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return stats.cpu(), taus
+
+
+def metrics_from_stats(stats: torch.Tensor) -> dict:
+    """Token means of the summed statistics: loss, CE with tau (ce_tau), CE at tau = 1 (ce), tau mean/std."""
+    s = dict(zip(STATS, stats.tolist()))
+    n = max(s["tokens"], 1.0)
+    tau_mean = s["tau_sum"] / n
+    return {
+        "loss": s["loss_sum"] / n,
+        "ce_tau": s["ce_tau_sum"] / n,
+        "ce": s["ce1_sum"] / n,
+        "tau_mean": tau_mean,
+        "tau_std": math.sqrt(max(s["tau_sq_sum"] / n - tau_mean**2, 0.0)),
+        "tokens": s["tokens"],
+    }
+
+
+def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, forward_only: bool) -> list:
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model,
+        num_microbatches=_num_microbatches(cfg),
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, data_iterators) -> dict:
+    """Forward, backward and optimizer step on one global batch. Returns metrics (same on every rank)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=cfg.train.global_batch_size)
+    stats, taus = _reduce_reports(reports)
+    metrics = metrics_from_stats(stats)
+    metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   update_successful=bool(update_successful), lr=scheduler.get_lr(optimizer.param_groups[0]))
+    metrics["tau_values"] = taus
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model: List[torch.nn.Module], data_iterators, num_batches: int) -> dict:
+    """Token means over `num_batches` global batches: loss, ce / ppl at tau = 1, ce_tau / ppl_tau with
+    TempNet's temperatures, and tau statistics."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        stats = sum(_reduce_reports(_run_schedule(cfg, model, data_iterators, forward_only=True))[0]
+                    for _ in range(num_batches))
+    finally:
+        for chunk in model:
+            chunk.train()
+    out = metrics_from_stats(stats)
+    out["ppl"] = math.exp(min(out["ce"], 50.0))
+    out["ppl_tau"] = math.exp(min(out["ce_tau"], 50.0))
+    return out
