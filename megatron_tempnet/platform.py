@@ -17,6 +17,7 @@ spots; on a machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of 
 |                                                            |   their CUDA names to those checks            |
 | the CUDA RNG tracker (model-parallel dropout seeds)        | megatron-core's no-op tracker; dropout draws  |
 |                                                            |   from the CPU generator                      |
+| batched p2p (batch_isend_irecv) in the pipeline schedules  | unbatched, ordered p2p (`pipeline_p2p_config`) |
 
 Nothing else in the project patches megatron-core; tests/test_platform.py checks each row.
 """
@@ -164,6 +165,17 @@ def adapt_megatron_core_for_cpu() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _CPU_MODE = CpuDeviceMode()
     _CPU_MODE.__enter__()  # for the life of the process
+
+
+def pipeline_p2p_config() -> dict:
+    """TransformerConfig fields for pipeline point-to-point communication on this platform.
+
+    gloo matches messages between two ranks in the order they are posted, with one tag. With interleaved
+    pipelining on 2 ranks, the same peer is both previous and next stage, so a batched send/recv of a
+    forward activation and a backward gradient of the same shape can be swapped. megatron-core's unbatched
+    path posts them in an even/odd order that matches on both sides; NCCL needs no such care.
+    """
+    return {"batch_p2p_comm": use_cuda()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -230,6 +230,9 @@ class _Shard:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}{postfix}]"
+
+
 class _Progress:
     def __init__(self, enabled: bool, total_bytes: Optional[int]):
         self.bar = None
@@ -242,9 +245,16 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="preprocess",
+                total=None if total_bytes is None else round(total_bytes / 1e6, 3), unit="MB", desc="preprocess",
                 file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+                bar_format=_BAR_FORMAT if total_bytes else "{desc}: {n:.1f} MB [{elapsed}{postfix}]",
             )
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
 
     def update(self, nbytes: int, docs: int, tokens: int) -> None:
         self.bytes += nbytes
@@ -252,7 +262,7 @@ class _Progress:
         self.tokens += tokens
         if self.bar is None:
             return
-        self.bar.update(nbytes)
+        self.bar.update(nbytes / 1e6)
         now = time.time()
         if now - self._last >= 1.0:
             self._last = now
@@ -262,8 +272,11 @@ class _Progress:
                 refresh=False,
             )
 
-    def close(self) -> dict:
+    def close(self, success: bool = False) -> dict:
         if self.bar is not None:
+            if success and self.bar.total:
+                self.bar.n = self.bar.total
+                self.bar.refresh()
             self.bar.close()
         dt = max(time.time() - self.t0, 1e-9)
         return {
@@ -411,7 +424,6 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         man = dict(settings)
         man.update(
             complete=complete,
-            output_prefix=os.path.abspath(out),
             fingerprint=fingerprint,
             counts=counts,
             prefixes=prefixes,
@@ -459,19 +471,24 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     total_bytes = sum(os.path.getsize(f) for f in files) if not any(f.endswith(".gz") for f in files) else None
     if total_bytes is not None and start.record:
         total_bytes = max(0, total_bytes - sum(os.path.getsize(f) for f in files[: start.file]) - start.offset)
-    prog = _Progress(cfg.progress and not finished_all, total_bytes)
     skips_logged = 0
+    success = False
     shard: Optional[_Shard] = None
     pool = None
+    prog = None
     try:
         if not finished_all:
-            shard = _Shard(first_shard, prefixes_of(first_shard), dtype, start)
             init_args = (tok.path, tok.sha256, keys, jsonl_by_file, dtype.name, cfg.append_eod)
             if workers > 1:
-                ctx = mp.get_context("spawn")  # light workers: they never import torch / megatron
+                # spawn: light workers that never import torch / megatron. Started before this process
+                # imports megatron-core (in _Shard), so they do not even inherit its memory at fork time.
+                ctx = mp.get_context("spawn")
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
             else:
                 _init_worker(*init_args)
+            shard = _Shard(first_shard, prefixes_of(first_shard), dtype, start)
+        prog = _Progress(cfg.progress and not finished_all, total_bytes)
+        if not finished_all:
 
             def chunks():
                 recs, meta, nbytes = [], [], 0
@@ -543,7 +560,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                                     msg += f" ({item.detail})"
                                 if key:
                                     msg += f" [key {key!r}]"
-                                print(msg, file=sys.stderr)
+                                prog.say(msg)
                         else:
                             shard.add(key, item)
                             chunk_docs += 1
@@ -579,8 +596,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 pool.close()
                 pool.join()
                 pool = None
+        success = True
     finally:
-        progress_stats = prog.close()
+        progress_stats = prog.close(success) if prog is not None else {}
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -14,6 +14,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .. import platform
 from ..config import Config, padded_vocab_size
 from ..loss import default_rho, dro_loss
 from . import gpt, llama
@@ -115,6 +116,7 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtyp
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=True,
+        **platform.pipeline_p2p_config(),
     )
     if use_transformer_engine and fp8.fp8_format is not None:
         kwargs.update(fp8=fp8.fp8_format, fp8_recipe=fp8.fp8_recipe,
