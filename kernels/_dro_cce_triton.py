@@ -1,0 +1,211 @@
+"""Triton kernels for the fused linear + DRO cross-entropy (see dro_cce.py for the math and the API).
+
+Imported lazily by dro_cce.py, so that ``TRITON_INTERPRET=1`` can be set before triton is first imported
+(the interpreter runs these kernels on CPU tensors; the tests use it).
+
+Forward (``_dro_fwd_kernel``): grid (token blocks, vocabulary splits). Each program owns BLOCK_N tokens
+and a contiguous run of vocabulary tiles; for each tile it computes the logits tile on chip
+(K-loop over D with fp32 accumulation), scales it by 1/tau per token and updates online statistics
+(max m, l = sum exp(s - m), a = sum exp(s - m)(s - m)) and the gathered target logit. Each split
+writes its per-token statistics to a small [splits, N] buffer, merged afterwards (flash-decoding
+style split-V: no locks, no N x V memory; the split count is chosen to fill the GPU).
+
+Backward (``_dro_bwd_kernel``): grid (token blocks, vocabulary tiles). Each program recomputes its
+logits tile, forms G = p - onehot(y) (optionally skipping the tile when max |G| < filter_eps, as Cut
+Cross-Entropy does), and accumulates dE += (G C_tile) * grad and dC_tile += G^T (grad * E) into fp32
+buffers with atomic adds, D-block by D-block. The per-token grad scale is applied to dE after the dot
+and folded into E for dC, so the 16-bit dot operands stay O(1) (no fp16 underflow of tiny gradients).
+dtau needs no kernel: it is a per-token function of the forward statistics.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dro_fwd_kernel(
+    E, C, InvTau, Tgt, Mo, Lo, Ao, Zo,
+    N, Vn, D,
+    stride_en, stride_ed, stride_cv, stride_cd,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = offs_n < N
+    inv_tau = tl.load(InvTau + offs_n, mask=n_mask, other=1.0)
+    tgt = tl.load(Tgt + offs_n, mask=n_mask, other=-1)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    zy = tl.zeros([BLOCK_N], tl.float32)
+    offs_d0 = tl.arange(0, BLOCK_D).to(tl.int64)
+    v_first = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    for t in range(0, tiles_per_split):
+        offs_v = v_first + t * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        v_mask = offs_v < Vn
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_d0
+            d_mask = offs_d < D
+            e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            c = tl.load(C + offs_v[None, :] * stride_cv + offs_d[:, None] * stride_cd,
+                        mask=v_mask[None, :] & d_mask[:, None], other=0.0)
+            acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+        # target logit (each token's target lies in at most one tile of one split)
+        zy += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), 1)
+        s = tl.where(v_mask[None, :], acc * inv_tau[:, None], float("-inf"))
+        new_m = tl.maximum(m, tl.max(s, 1))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        d_old = tl.where(l > 0, m - safe_m, 0.0)
+        alpha = tl.exp(d_old)
+        sm = tl.where(v_mask[None, :], s - safe_m[:, None], 0.0)
+        p = tl.where(v_mask[None, :], tl.exp(sm), 0.0)
+        a = alpha * (a + d_old * l) + tl.sum(p * sm, 1)
+        l = alpha * l + tl.sum(p, 1)
+        m = new_m
+    out = pid_s.to(tl.int64) * N + offs_n
+    tl.store(Mo + out, m, mask=n_mask)
+    tl.store(Lo + out, l, mask=n_mask)
+    tl.store(Ao + out, a, mask=n_mask)
+    tl.store(Zo + out, zy, mask=n_mask)
+
+
+@triton.jit
+def _dro_bwd_kernel(
+    E, C, InvTau, Lse, Gs, Tgt, dE, dC,
+    N, Vn, D,
+    stride_en, stride_ed, stride_cv, stride_cd, stride_den, stride_dcv,
+    filter_eps,
+    FILTER: tl.constexpr, COMPUTE_DE: tl.constexpr, COMPUTE_DC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < Vn
+    inv_tau = tl.load(InvTau + offs_n, mask=n_mask, other=1.0)
+    lse = tl.load(Lse + offs_n, mask=n_mask, other=0.0)
+    gs = tl.load(Gs + offs_n, mask=n_mask, other=0.0)
+    tgt = tl.load(Tgt + offs_n, mask=n_mask, other=-1)
+    offs_d0 = tl.arange(0, BLOCK_D).to(tl.int64)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_mask = offs_d < D
+        e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        c = tl.load(C + offs_v[None, :] * stride_cv + offs_d[:, None] * stride_cd,
+                    mask=v_mask[None, :] & d_mask[:, None], other=0.0)
+        acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+
+    row_ok = n_mask & (gs != 0.0)
+    p = tl.exp(acc * inv_tau[:, None] - lse[:, None])
+    p = tl.where(row_ok[:, None] & v_mask[None, :], p, 0.0)
+    g = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)  # dL/dz, before the grad scale
+    if FILTER:
+        if tl.max(tl.max(tl.abs(g), 1), 0) < filter_eps:
+            return
+    g_lo = g.to(E.dtype.element_ty)
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_mask = offs_d < D
+        if COMPUTE_DE:
+            c = tl.load(C + offs_v[:, None] * stride_cv + offs_d[None, :] * stride_cd,
+                        mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+            de = tl.dot(g_lo, c, input_precision=DOT_PRECISION) * gs[:, None]
+            tl.atomic_add(dE + offs_n[:, None] * stride_den + offs_d[None, :], de,
+                          mask=n_mask[:, None] & d_mask[None, :])
+        if COMPUTE_DC:
+            e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            e = (e.to(tl.float32) * gs[:, None]).to(E.dtype.element_ty)
+            dc = tl.dot(tl.trans(g_lo), e, input_precision=DOT_PRECISION)
+            tl.atomic_add(dC + offs_v[:, None] * stride_dcv + offs_d[None, :], dc,
+                          mask=v_mask[:, None] & d_mask[None, :])
+
+
+def _config(device: torch.device, dtype: torch.dtype, backward: bool):
+    if device.type != "cuda":  # interpreter: smallest legal tiles (tl.dot needs >= 16)
+        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16), {}
+    block_d = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    if backward:
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d), dict(num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def forward_stats(E, C, inv_tau, tgt_local, n_valid):
+    """Per-token (m, l, a, z_y) over rows [0, n_valid) of C, each [N] fp32 (see dro_cce.py)."""
+    from .dro_cce import _merge_rows
+
+    N, D = E.shape
+    dev = E.device
+    if n_valid == 0 or N == 0:
+        return (torch.full((N,), float("-inf"), device=dev), torch.zeros(N, device=dev),
+                torch.zeros(N, device=dev), torch.zeros(N, device=dev))
+    blocks, launch = _config(dev, E.dtype, backward=False)
+    n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+    n_tiles = triton.cdiv(n_valid, blocks["BLOCK_V"])
+    if dev.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+        splits = min(n_tiles, max(1, triton.cdiv(target, n_blocks)))
+    else:
+        splits = min(n_tiles, 2)  # exercise the split merge in the interpreter
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    buf = torch.empty(4, splits, N, dtype=torch.float32, device=dev)
+    inv_tau = inv_tau.contiguous()
+    tgt_local = tgt_local.contiguous()
+    _dro_fwd_kernel[(n_blocks, splits)](
+        E, C, inv_tau, tgt_local, buf[0], buf[1], buf[2], buf[3],
+        N, n_valid, D,
+        E.stride(0), E.stride(1), C.stride(0), C.stride(1),
+        tiles_per_split,
+        DOT_PRECISION=_dot_precision(E.dtype), **blocks, **launch,
+    )
+    m, l, a = _merge_rows(buf[0], buf[1], buf[2])
+    return m, l, a, buf[3].sum(0)
+
+
+def backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, filter_eps, need_dE, need_dC):
+    """(dE [N, D] in E.dtype or None, dC [V_local, D] in C.dtype or None); fp32 accumulation."""
+    N, D = E.shape
+    dev = E.device
+    dE32 = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_dE else None
+    dC32 = torch.zeros(C.shape[0], D, dtype=torch.float32, device=dev) if need_dC else None
+    if n_valid > 0 and N > 0:
+        blocks, launch = _config(dev, E.dtype, backward=True)
+        grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(n_valid, blocks["BLOCK_V"]))
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        _dro_bwd_kernel[grid](
+            E, C, inv_tau.contiguous(), lse.contiguous(), gscale.contiguous(), tgt_local.contiguous(),
+            dE32 if need_dE else dummy, dC32 if need_dC else dummy,
+            N, n_valid, D,
+            E.stride(0), E.stride(1), C.stride(0), C.stride(1), D, D,
+            0.0 if filter_eps is None else float(filter_eps),
+            FILTER=filter_eps is not None, COMPUTE_DE=bool(need_dE), COMPUTE_DC=bool(need_dC),
+            DOT_PRECISION=_dot_precision(E.dtype), **blocks, **launch,
+        )
+    dE = dE32.to(E.dtype) if need_dE else None
+    dC = dC32.to(C.dtype) if need_dC else None
+    return dE, dC

@@ -1,0 +1,544 @@
+"""Fused, vocabulary-parallel linear + DRO cross-entropy that never materialises the logits.
+
+Per token i with hidden state e_i, classifier weight C (rows = vocabulary), logits z = e_i C^T over the
+true vocabulary V, target y, temperature tau_i > 0 and DRO radius rho::
+
+    L_i       = tau_i * (logsumexp(z / tau_i) - z_y / tau_i) + tau_i * (rho - log V)
+    dL/dz_k   = softmax(z / tau_i)_k - [k = y]
+    dL/dtau_i = rho - KL(softmax(z / tau_i) || uniform(V))
+
+With tau = 1 and rho = log V this is plain cross-entropy.
+
+How it is computed (both implementations share the math):
+
+* Forward keeps, per token, three running statistics of s = z / tau over this rank's vocabulary shard:
+  the max ``m``, ``l = sum_k exp(s_k - m)`` and ``a = sum_k exp(s_k - m) (s_k - m)``, merged online
+  across vocabulary blocks, plus the target logit z_y (gathered where this shard owns the target).
+  Then ``logsumexp(s) = m + log l`` and ``logsumexp(s) - E_p[s] = log l - a / l``, so
+  ``dL/dtau = log l - a / l + rho - log V`` needs no second pass.
+* Under vocabulary (tensor) parallelism the per-rank statistics are combined with one all-reduce MAX
+  (of m) and one all-reduce SUM (of the rebased l, a and z_y), as megatron-core's
+  vocab_parallel_cross_entropy does.
+* Backward recomputes the logits block by block, forms ``g = grad_out * (p - onehot(y))`` and
+  accumulates ``dE += g C_blk`` and ``dC_blk = g^T E`` in fp32.
+
+Implementations (``impl``):
+
+* ``"torch"``: chunks over the vocabulary (``chunk_size`` rows at a time); working memory is
+  O(N * chunk_size), never N x V. Runs anywhere (CPU, CUDA).
+* ``"triton"``: tiles of tokens x vocabulary computed on chip (see ``_dro_cce_triton.py``). Needs
+  CUDA tensors, or ``TRITON_INTERPRET=1`` set before triton is first imported (then it runs, slowly,
+  on CPU tensors; used by the tests).
+* ``"auto"``: triton for CUDA tensors when triton imports, torch otherwise.
+
+Tensor-parallel gradient convention (same as megatron-core's ColumnParallelLinear output layer):
+
+* the gradient returned for ``hidden`` is this rank's *partial* dE (the sum over its vocabulary
+  shard only). The caller must pass ``hidden`` through
+  ``megatron.core.tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)``
+  before calling, whose backward all-reduces dE across the group (ColumnParallelLinear does exactly
+  this for its input). Summing the partials over ranks gives the single-rank dE;
+* the gradient for ``weight`` is local to the shard (padded rows get zero gradient);
+* the gradient for ``tau`` is the full value, identical on every rank, as is the returned loss.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "linear_dro_cross_entropy",
+    "vocab_parallel_logit_max",
+    "tempnet_first_layer_logits_free",
+    "DEFAULT_CHUNK_SIZE",
+]
+
+#: Vocabulary rows per chunk in the torch path. Working memory is about 2 * N * chunk_size * 4 bytes
+#: (N = tokens), e.g. 32 MiB for N = 8192.
+DEFAULT_CHUNK_SIZE = 512
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+def _tp_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _num_valid_rows(v_local: int, vocab_size: int, vocab_start_index: int) -> int:
+    """Rows of this shard whose global id is < vocab_size (the rest is padding, masked out)."""
+    return max(0, min(v_local, vocab_size - vocab_start_index))
+
+
+def _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor of shape [..., D] (e.g. [N, D] or [s, b, D])")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor [V_local, D] (this rank's vocabulary rows), got {shape}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and weight {weight.dtype}; "
+            "cast one of them (e.g. hidden.to(weight.dtype))"
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has D={hidden.shape[-1]} (last dim) but weight has D={weight.shape[1]} "
+            "(weight must be [V_local, D], not transposed)"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}; move them to one device")
+    if int(vocab_size) != vocab_size or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive int (the true, unpadded vocabulary), got {vocab_size!r}")
+    if int(vocab_start_index) != vocab_start_index or vocab_start_index < 0:
+        raise ValueError(f"vocab_start_index must be an int >= 0, got {vocab_start_index!r}")
+    if _tp_size(tp_group) == 1 and vocab_start_index + weight.shape[0] < vocab_size:
+        raise ValueError(
+            f"weight has {weight.shape[0]} rows starting at vocab_start_index={vocab_start_index} but "
+            f"vocab_size={vocab_size} and there is no tensor-parallel group: without tp_group the weight must "
+            "cover the whole vocabulary (pass tp_group for a vocabulary shard)"
+        )
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_loss_inputs(hidden, weight, targets, tau, rho, vocab_size, ignore_index, impl, filter_eps):
+    lead = tuple(hidden.shape[:-1])
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError("targets must be an integer tensor of token ids")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor (int64 vocabulary ids), got dtype {targets.dtype}")
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading shape {lead}")
+    if not isinstance(tau, torch.Tensor):
+        raise ValueError("tau must be a tensor of per-token temperatures (use torch.ones(N) for tau = 1)")
+    if not tau.is_floating_point():
+        raise ValueError(f"tau must be a floating-point tensor, got dtype {tau.dtype}")
+    if tuple(tau.shape) != lead:
+        raise ValueError(f"tau shape {tuple(tau.shape)} must equal hidden's leading shape {lead} (one per token)")
+    for name, t in (("targets", targets), ("tau", tau)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it to one device")
+    if isinstance(rho, torch.Tensor):
+        if rho.numel() != 1:
+            raise ValueError("rho must be a scalar (float)")
+        rho = float(rho)
+    if not math.isfinite(float(rho)):
+        raise ValueError(f"rho must be a finite float, got {rho!r}")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if filter_eps is not None and (not math.isfinite(float(filter_eps)) or filter_eps < 0):
+        raise ValueError(f"filter_eps must be None (no filtering) or a float >= 0, got {filter_eps!r}")
+    # Value checks: one host sync for all of them.
+    valid = targets != ignore_index
+    bad_target = (valid & ((targets < 0) | (targets >= vocab_size))).any()
+    bad_tau = (valid & ~(torch.isfinite(tau) & (tau > 0))).any()
+    bad_target, bad_tau = torch.stack([bad_target, bad_tau]).tolist()
+    if bad_target:
+        t = targets[valid & ((targets < 0) | (targets >= vocab_size))]
+        raise ValueError(
+            f"targets must be in [0, vocab_size={vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {t.numel()} out-of-range ids, e.g. {t[:4].tolist()}"
+        )
+    if bad_tau:
+        t = tau[valid & ~(torch.isfinite(tau) & (tau > 0))]
+        raise ValueError(
+            f"tau must be finite and > 0 for every non-ignored token; found {t.numel()} bad values, "
+            f"e.g. {t[:4].tolist()} (bound it, e.g. tau_min + (tau_max - tau_min) * sigmoid(.))"
+        )
+    return float(rho)
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    # impl == "triton"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton is a dev dependency
+        raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='torch'") from exc
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (got {device}); on CPU use impl='torch', or set TRITON_INTERPRET=1 "
+            "before triton is imported to run the kernel in Triton's interpreter"
+        )
+    return "triton"
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics: merging blocks and ranks
+# ----------------------------------------------------------------------------------------------------
+def _rebase(m, l, a, new_m):
+    """Express (l, a), taken relative to max m, relative to new_m >= m. Rows with l == 0 stay 0."""
+    has = l > 0
+    d = torch.where(has, m - new_m, torch.zeros_like(m))
+    w = torch.exp(d)
+    return l * w, (a + d * l) * w
+
+
+def _merge(m1, l1, a1, m2, l2, a2):
+    m = torch.maximum(m1, m2)
+    l1, a1 = _rebase(m1, l1, a1, m)
+    l2, a2 = _rebase(m2, l2, a2, m)
+    return m, l1 + l2, a1 + a2
+
+
+def _merge_rows(m, l, a):
+    """Merge statistics stacked along dim 0 ([S, N] -> [N])."""
+    mx = m.amax(0)
+    l, a = _rebase(m, l, a, mx.unsqueeze(0).expand_as(m))
+    return mx, l.sum(0), a.sum(0)
+
+
+def _combine_tp(m, l, a, zy, group):
+    """All-reduce MAX then SUM of the per-rank statistics (vocabulary parallelism)."""
+    if _tp_size(group) == 1:
+        return m, l, a, zy
+    mx = m.clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    l, a = _rebase(m, l, a, mx)
+    buf = torch.stack([l, a, zy])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return mx, buf[0], buf[1], buf[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch (chunked) implementation
+# ----------------------------------------------------------------------------------------------------
+def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
+    """Per-token (m, l, a, z_y) over rows [0, n_valid) of this shard, chunk rows at a time."""
+    N = E.shape[0]
+    dev = E.device
+    E32 = E.float()
+    m = torch.full((N,), float("-inf"), dtype=torch.float32, device=dev)
+    l = torch.zeros(N, dtype=torch.float32, device=dev)
+    a = torch.zeros(N, dtype=torch.float32, device=dev)
+    zy = torch.zeros(N, dtype=torch.float32, device=dev)
+    for c0 in range(0, n_valid, chunk):
+        c1 = min(c0 + chunk, n_valid)
+        s = E32 @ C[c0:c1].float().t()  # [N, c] logits z of this chunk
+        idx = tgt_local - c0
+        here = (idx >= 0) & (idx < c1 - c0)
+        zy += torch.where(here, s.gather(1, idx.clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1), 0.0)
+        s.mul_(inv_tau.unsqueeze(1))  # s = z / tau
+        mc = s.amax(1)
+        s.sub_(mc.unsqueeze(1))  # s - m_c <= 0
+        p = torch.exp(s)
+        lc = p.sum(1)
+        ac = torch.bmm(p.unsqueeze(1), s.unsqueeze(2)).view(N)  # sum p (s - m_c), no extra [N, c] buffer
+        del s, p
+        m, l, a = _merge(m, l, a, mc, lc, ac)
+    return m, l, a, zy
+
+
+def _torch_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC):
+    N, D = E.shape
+    E32 = E.float()
+    dE32 = torch.zeros(N, D, dtype=torch.float32, device=E.device) if need_dE else None
+    dC = torch.zeros_like(C) if need_dC else None
+    active = (gscale != 0).float().unsqueeze(1)
+    for c0 in range(0, n_valid, chunk):
+        c1 = min(c0 + chunk, n_valid)
+        Cc = C[c0:c1].float()
+        g = E32 @ Cc.t()
+        g.mul_(inv_tau.unsqueeze(1)).sub_(lse.unsqueeze(1)).exp_()  # p = softmax(z / tau) on this chunk
+        idx = tgt_local - c0
+        here = (idx >= 0) & (idx < c1 - c0)
+        g.scatter_add_(1, idx.clamp(0, c1 - c0 - 1).unsqueeze(1), -here.float().unsqueeze(1))  # p - onehot(y)
+        rows = None
+        if filter_eps is not None:
+            g.mul_(active)  # ignored tokens do not count
+            mag = torch.maximum(g.amax(0), -g.amin(0))  # max_i |p_ik - [k = y_i]| per vocabulary row
+            keep = mag >= filter_eps
+            if not bool(keep.all()):
+                rows = keep.nonzero().squeeze(1)
+                g = g.index_select(1, rows)
+                Cc = Cc.index_select(0, rows)
+        g.mul_(gscale.unsqueeze(1))
+        if need_dE:
+            dE32.addmm_(g, Cc)
+        if need_dC:
+            dCc = (g.t() @ E32).to(C.dtype)
+            if rows is None:
+                dC[c0:c1] = dCc
+            else:
+                dC[c0:c1].index_copy_(0, rows, dCc)
+        del g, Cc
+    dE = dE32.to(E.dtype) if need_dE else None
+    return dE, dC
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd function
+# ----------------------------------------------------------------------------------------------------
+class _LinearDROCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, tau, targets, rho, vocab_size, vocab_start_index, tp_group,
+                ignore_index, impl, chunk_size, filter_eps):
+        valid = targets != ignore_index
+        # Ignored tokens get tau = 1 internally so that nothing there can produce inf/nan.
+        tau32 = torch.where(valid, tau.float(), torch.ones((), dtype=torch.float32, device=tau.device))
+        inv_tau = 1.0 / tau32
+        n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
+        tgt_local = targets - vocab_start_index
+        tgt_local = torch.where(valid & (tgt_local >= 0) & (tgt_local < n_valid), tgt_local,
+                                torch.full_like(tgt_local, -1))
+        if impl == "triton":
+            from . import _dro_cce_triton as tk
+
+            m, l, a, zy = tk.forward_stats(hidden, weight, inv_tau, tgt_local, n_valid)
+        else:
+            m, l, a, zy = _torch_forward_stats(hidden, weight, inv_tau, tgt_local, n_valid, chunk_size)
+        m, l, a, zy = _combine_tp(m, l, a, zy, tp_group)
+
+        log_l = torch.log(l)
+        lse = m + log_l  # logsumexp(z / tau)
+        shift = rho - math.log(vocab_size)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.where(valid, tau32 * lse - zy + tau32 * shift, zero)
+        dldtau = torch.where(valid, log_l - a / l + shift, zero)  # = rho - KL(p || uniform)
+
+        ctx.save_for_backward(hidden, weight, inv_tau, lse, tgt_local, valid, dldtau)
+        ctx.impl = impl
+        ctx.n_valid = n_valid
+        ctx.chunk_size = chunk_size
+        ctx.filter_eps = filter_eps
+        ctx.tau_dtype = tau.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, inv_tau, lse, tgt_local, valid, dldtau = ctx.saved_tensors
+        gscale = torch.where(valid, grad_loss.float(), torch.zeros((), device=grad_loss.device)).contiguous()
+        need_dE, need_dC, need_dtau = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dE = dC = dtau = None
+        if need_dE or need_dC:
+            if ctx.impl == "triton":
+                from . import _dro_cce_triton as tk
+
+                dE, dC = tk.backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
+                                     ctx.filter_eps, need_dE, need_dC)
+            else:
+                dE, dC = _torch_backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
+                                         ctx.chunk_size, ctx.filter_eps, need_dE, need_dC)
+        if need_dtau:
+            dtau = (gscale * dldtau).to(ctx.tau_dtype)
+        return dE, dC, dtau, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------
+def linear_dro_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    tau: torch.Tensor,
+    rho: float,
+    vocab_size: int,
+    *,
+    vocab_start_index: int = 0,
+    tp_group: Optional["dist.ProcessGroup"] = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    filter_eps: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-token DRO loss of ``hidden @ weight.T`` without materialising the logits.
+
+    Args:
+        hidden: [..., D] final hidden states E (e.g. [N, D] or [s, b, D]); any float dtype, fp32 math.
+            Under tensor parallelism pass it through
+            ``megatron.core.tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)``
+            first: the gradient this function returns for it is the partial dE of this vocabulary shard.
+        weight: [V_local, D] this rank's rows of the output (classifier) weight C, same dtype as hidden.
+            Rows whose global id (vocab_start_index + row) is >= vocab_size are padding: masked out of the
+            softmax, zero gradient.
+        targets: [...] integer global vocabulary ids in [0, vocab_size), or ignore_index.
+        tau: [...] per-token temperatures, finite and > 0 on non-ignored tokens; differentiable.
+        rho: DRO radius (float). tau = 1 and rho = log(vocab_size) give plain cross-entropy.
+        vocab_size: the true (unpadded, global) vocabulary size V.
+        vocab_start_index: global id of weight row 0 on this rank.
+        tp_group: vocabulary-parallel process group; None or size 1 = no parallelism.
+        ignore_index: targets equal to it give loss 0 and zero gradients.
+        impl: "auto" (triton for CUDA tensors, torch elsewhere), "torch" or "triton".
+        chunk_size: vocabulary rows per chunk in the torch path (memory ~ 2 * N * chunk_size * 4 bytes).
+        filter_eps: if set, gradient blocks whose entries |softmax(z/tau)_k - [k = y]| are all below it are
+            skipped in backward (as Cut Cross-Entropy does); torch path: per vocabulary row over all
+            tokens, triton path: per (token block, vocabulary block) tile. Loss and dtau are exact.
+
+    Returns:
+        [...] per-token loss in fp32 (0 where ignored), identical on all tensor-parallel ranks;
+        differentiable w.r.t. hidden (partial dE under TP), weight (local shard) and tau (full value).
+    """
+    _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
+    rho = _check_loss_inputs(hidden, weight, targets, tau, rho, vocab_size, ignore_index, impl, filter_eps)
+    impl = _resolve_impl(impl, hidden.device)
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    loss = _LinearDROCrossEntropy.apply(
+        h2, weight, tau.reshape(-1), targets.reshape(-1).long(), rho, int(vocab_size), int(vocab_start_index),
+        tp_group, int(ignore_index), impl, int(chunk_size), None if filter_eps is None else float(filter_eps),
+    )
+    return loss.view(lead)
+
+
+@torch.no_grad()
+def vocab_parallel_logit_max(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    vocab_size: int,
+    *,
+    vocab_start_index: int = 0,
+    tp_group: Optional["dist.ProcessGroup"] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """[...] fp32 max_k z_k over the true vocabulary (all ranks), z = hidden @ weight.T; no grad.
+
+    Chunked over the vocabulary (never materialises N x V); one all-reduce MAX under tensor parallelism.
+    """
+    _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
+    lead = hidden.shape[:-1]
+    E32 = hidden.reshape(-1, hidden.shape[-1]).float()
+    n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
+    mx = torch.full((E32.shape[0],), float("-inf"), dtype=torch.float32, device=hidden.device)
+    for c0 in range(0, n_valid, chunk_size):
+        c1 = min(c0 + chunk_size, n_valid)
+        torch.maximum(mx, (E32 @ weight[c0:c1].float().t()).amax(1), out=mx)
+    if _tp_size(tp_group) > 1:
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=tp_group)
+    return mx.view(lead)
+
+
+class _AllReduceSumIdentityBackward(torch.autograd.Function):
+    """Sum a partial tensor over the group; backward passes the (replicated) gradient through."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ProjectThroughClassifier(torch.autograd.Function):
+    """W1C = w1[:, :n] @ C[:n] in fp32, chunked over the vocabulary; grad only for w1 (C is detached).
+
+    Backward: dw1[:, :n] = dW1C @ C[:n]^T, chunked; padded columns get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w1, weight, n_valid, chunk):
+        out = torch.zeros(w1.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device)
+        for c0 in range(0, n_valid, chunk):
+            c1 = min(c0 + chunk, n_valid)
+            out.addmm_(w1[:, c0:c1].float(), weight[c0:c1].float())
+        ctx.save_for_backward(weight)
+        ctx.n_valid, ctx.chunk, ctx.w1_shape, ctx.w1_dtype = n_valid, chunk, w1.shape, w1.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        dw1 = torch.zeros(ctx.w1_shape, dtype=ctx.w1_dtype, device=g.device)
+        g = g.float()
+        for c0 in range(0, ctx.n_valid, ctx.chunk):
+            c1 = min(c0 + ctx.chunk, ctx.n_valid)
+            dw1[:, c0:c1] = (g @ weight[c0:c1].float().t()).to(ctx.w1_dtype)
+        return dw1, None, None, None
+
+
+def tempnet_first_layer_logits_free(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    w1_shard: torch.Tensor,
+    vocab_size: int,
+    vocab_start_index: int = 0,
+    tp_group: Optional["dist.ProcessGroup"] = None,
+    *,
+    shift: Optional[torch.Tensor] = None,
+    chunk_size: int = 4096,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """TempNet's first layer on the logits without the logits: returns (W1 z' [..., d], ||z'||^2 [...]).
+
+    z = hidden @ C^T over the true vocabulary (all ranks), z' = z - shift (per token; shift=None means 0,
+    the GPT-2 variant; pass ``vocab_parallel_logit_max(...)`` for the LLaMA max-shift variant). Uses
+    W1 z = (W1 C) e and ||z||^2 = e^T (C^T C) e: a d x D and a D x D matrix per step, summed over the
+    vocabulary-parallel group with one all-reduce. The TempNet input x = z'/||z'|| is then
+    ``W1x = out / sq.sqrt().unsqueeze(-1)``.
+
+    Args:
+        hidden, weight: as in linear_dro_cross_entropy; both are treated as detached (TempNet never sends
+            gradient into the LM through its input).
+        w1_shard: [d, V_local] the columns of TempNet's W1 for this rank's vocabulary rows; gets gradient
+            (under TP each rank gets the gradient of its own columns; padded columns get zero).
+        shift: optional [...] per-token shift (no grad).
+    Math in fp32. ``||z'||^2`` with a shift is formed as ||z||^2 - 2 m sum(z) + m^2 V, which loses relative
+    precision when the logits are nearly constant across the vocabulary.
+    """
+    _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
+    if w1_shard.dim() != 2 or w1_shard.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"w1_shard must be [d, V_local] with V_local = weight.shape[0] = {weight.shape[0]}, "
+            f"got {tuple(w1_shard.shape)}"
+        )
+    if w1_shard.device != weight.device:
+        raise ValueError(f"w1_shard is on {w1_shard.device} but weight is on {weight.device}")
+    lead = hidden.shape[:-1]
+    E32 = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+    if shift is not None and tuple(shift.shape) != tuple(lead):
+        raise ValueError(f"shift shape {tuple(shift.shape)} must equal hidden's leading shape {tuple(lead)}")
+    Cd = weight.detach()
+    n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
+    d, D = w1_shard.shape[0], weight.shape[1]
+
+    w1c = _ProjectThroughClassifier.apply(w1_shard, Cd, n_valid, chunk_size)  # [d, D], grad -> w1
+    with torch.no_grad():
+        gram = torch.zeros(D, D, dtype=torch.float32, device=weight.device)
+        csum = torch.zeros(1, D, dtype=torch.float32, device=weight.device)
+        for c0 in range(0, n_valid, chunk_size):
+            Cc = Cd[c0:min(c0 + chunk_size, n_valid)].float()
+            gram.addmm_(Cc.t(), Cc)
+            csum += Cc.sum(0, keepdim=True)
+    # One all-reduce for everything (w1c keeps its autograd path; the rest are constants or w1 row sums).
+    parts = [w1c.reshape(-1), gram.reshape(-1), csum.reshape(-1)]
+    if shift is not None:
+        parts.append(w1_shard[:, :n_valid].float().sum(1))  # W1 1 over the valid vocabulary, grad -> w1
+    packed = torch.cat(parts)
+    if _tp_size(tp_group) > 1:
+        packed = _AllReduceSumIdentityBackward.apply(packed, tp_group)
+    w1c, gram, csum, w1_rowsum = torch.split(packed, [d * D, D * D, D, d if shift is not None else 0])
+    w1c, gram = w1c.view(d, D), gram.view(D, D)
+
+    w1z = E32 @ w1c.t()  # [N, d]
+    with torch.no_grad():
+        sq = torch.empty(E32.shape[0], dtype=torch.float32, device=E32.device)
+        for i0 in range(0, E32.shape[0], chunk_size):
+            Ei = E32[i0:i0 + chunk_size]
+            sq[i0:i0 + chunk_size] = ((Ei @ gram) * Ei).sum(1)
+        if shift is not None:
+            m = shift.reshape(-1).float().detach()
+            zsum = E32 @ csum
+            sq = sq - 2.0 * m * zsum + m * m * float(vocab_size)
+    if shift is not None:
+        w1z = w1z - shift.reshape(-1, 1).float().detach() * w1_rowsum.unsqueeze(0)
+    return w1z.view(*lead, d), sq.view(lead)
