@@ -29,13 +29,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter multiplies bf16 tiles as raw bits, so there the operands go to fp32 first.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _dro_fwd_kernel(
     E, C, InvTau, Tgt, Mo, Lo, Ao, Zo,
     N, Vn, D,
     stride_en, stride_ed, stride_cv, stride_cd,
     tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -60,7 +69,7 @@ def _dro_fwd_kernel(
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             c = tl.load(C + offs_v[None, :] * stride_cv + offs_d[:, None] * stride_cd,
                         mask=v_mask[None, :] & d_mask[:, None], other=0.0)
-            acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+            acc = _dot(e, c, acc, DOT_PRECISION, UPCAST)
         # target logit (each token's target lies in at most one tile of one split)
         zy += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), 1)
         s = tl.where(v_mask[None, :], acc * inv_tau[:, None], float("-inf"))
@@ -88,7 +97,7 @@ def _dro_bwd_kernel(
     filter_eps,
     FILTER: tl.constexpr, COMPUTE_DE: tl.constexpr, COMPUTE_DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -110,7 +119,7 @@ def _dro_bwd_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         c = tl.load(C + offs_v[None, :] * stride_cv + offs_d[:, None] * stride_cd,
                     mask=v_mask[None, :] & d_mask[:, None], other=0.0)
-        acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+        acc = _dot(e, c, acc, DOT_PRECISION, UPCAST)
 
     row_ok = n_mask & (gs != 0.0)
     p = tl.exp(acc * inv_tau[:, None] - lse[:, None])
@@ -127,14 +136,14 @@ def _dro_bwd_kernel(
         if COMPUTE_DE:
             c = tl.load(C + offs_v[:, None] * stride_cv + offs_d[None, :] * stride_cd,
                         mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-            de = tl.dot(g_lo, c, input_precision=DOT_PRECISION) * gs[:, None]
+            de = _dot(g_lo, c, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), DOT_PRECISION, UPCAST) * gs[:, None]
             tl.atomic_add(dE + offs_n[:, None] * stride_den + offs_d[None, :], de,
                           mask=n_mask[:, None] & d_mask[None, :])
         if COMPUTE_DC:
             e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             e = (e.to(tl.float32) * gs[:, None]).to(E.dtype.element_ty)
-            dc = tl.dot(tl.trans(g_lo), e, input_precision=DOT_PRECISION)
+            dc = _dot(tl.trans(g_lo), e, tl.zeros([BLOCK_V, BLOCK_D], tl.float32), DOT_PRECISION, UPCAST)
             tl.atomic_add(dC + offs_v[:, None] * stride_dcv + offs_d[None, :], dc,
                           mask=v_mask[:, None] & d_mask[None, :])
 
@@ -152,6 +161,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def _upcast(E) -> bool:
+    return E.device.type != "cuda" and E.dtype == torch.bfloat16
 
 
 def forward_stats(E, C, inv_tau, tgt_local, n_valid):
@@ -181,7 +194,7 @@ def forward_stats(E, C, inv_tau, tgt_local, n_valid):
         N, n_valid, D,
         E.stride(0), E.stride(1), C.stride(0), C.stride(1),
         tiles_per_split,
-        DOT_PRECISION=_dot_precision(E.dtype), **blocks, **launch,
+        DOT_PRECISION=_dot_precision(E.dtype), UPCAST=_upcast(E), **blocks, **launch,
     )
     m, l, a = _merge_rows(buf[0], buf[1], buf[2])
     return m, l, a, buf[3].sum(0)
@@ -204,7 +217,7 @@ def backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, filter_eps, need_dE
             E.stride(0), E.stride(1), C.stride(0), C.stride(1), D, D,
             0.0 if filter_eps is None else float(filter_eps),
             FILTER=filter_eps is not None, COMPUTE_DE=bool(need_dE), COMPUTE_DC=bool(need_dC),
-            DOT_PRECISION=_dot_precision(E.dtype), **blocks, **launch,
+            DOT_PRECISION=_dot_precision(E.dtype), UPCAST=_upcast(E), **blocks, **launch,
         )
     dE = dE32.to(E.dtype) if need_dE else None
     dC = dC32.to(C.dtype) if need_dC else None
