@@ -49,6 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "linear_dro_cross_entropy",
@@ -329,6 +330,7 @@ class _LinearDROCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         hidden, weight, inv_tau, lse, tgt_local, valid, dldtau = ctx.saved_tensors
         gscale = torch.where(valid, grad_loss.float(), torch.zeros((), device=grad_loss.device)).contiguous()
@@ -463,6 +465,7 @@ class _ProjectThroughClassifier(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         (weight,) = ctx.saved_tensors
         dw1 = torch.zeros(ctx.w1_shape, dtype=ctx.w1_dtype, device=g.device)

@@ -394,7 +394,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_compiled_matches_torch_path_on_gpu(dtype):
     pytest.importorskip("triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
     N, V, V_pad, D = 1000, 5003, 5120, 256
     hidden = (torch.randn(N, D, device="cuda", generator=g) * 0.5).to(dtype)
