@@ -1,0 +1,82 @@
+"""Configuration: YAML + Megatron-style flags, and the early, clear refusal of impossible runs."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megatron_tempnet.config import ConfigError, load_config, validate
+
+
+def _validate(argv, world_size=4, cuda=False, te=False):
+    cfg, _ = load_config(["--mock-data", *argv])
+    validate(cfg, world_size, cuda_available=cuda, te_available=te)
+    return cfg
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 6\n  hidden_size: 96\ntempnet:\n  enabled: true\n  lr: 0.5\n")
+    cfg, _ = load_config(["--config", str(path), "--num-layers", "8", "--tempnet-lr", "2e-6", "--dro-rho", "4.5"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (8, 96)
+    assert cfg.tempnet.enabled and cfg.tempnet.lr == 2e-6 and cfg.loss.dro_rho == 4.5
+
+
+def test_example_configs_are_valid():
+    for name in ("tiny_gpt", "tiny_llama"):
+        cfg, _ = load_config(["--config", f"examples/configs/{name}.yaml"])
+        validate(cfg, 4, cuda_available=False, te_available=False)
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("model:\n  num_layer: 4\n", "did you mean 'model.num_layers'"),
+    ("modle:\n  num_layers: 4\n", "did you mean 'model'"),
+    ("model:\n  num_layers: four\n", "model.num_layers must be int"),
+])
+def test_unknown_or_mistyped_yaml_keys_are_refused(tmp_path, yaml_text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv,world,expected", [
+    (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4"], 4,
+     "num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 4, "num-layers 3 is not divisible by"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "4"], 4,
+     "PP x virtual stages"),
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by TP x PP"),
+    (["--fp8-format", "hybrid"], 1, "needs a CUDA GPU"),
+    (["--transformer-impl", "transformer_engine"], 1, "needs a CUDA GPU with Transformer Engine"),
+    (["--sequence-parallel"], 1, "sequence-parallel needs Transformer Engine"),
+    (["--mode", "frozen_lm"], 1, "enable it with --tempnet-enabled"),
+    (["--mode", "finetune"], 1, "pass --pretrained-checkpoint"),
+    (["--tempnet-enabled", "--tempnet-tau-min", "2", "--tempnet-tau-max", "1"], 1, "tau-min < --tempnet-tau-max"),
+    (["--num-query-groups", "3"], 1, "must divide --num-attention-heads"),
+    (["--precision", "bf16"], 1, "use --precision fp32"),
+])
+def test_impossible_combinations_are_refused(argv, world, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        _validate(argv, world)
+
+
+def test_fp8_without_transformer_engine_on_gpu_is_refused():
+    with pytest.raises(ConfigError, match="needs Transformer Engine"):
+        _validate(["--fp8-format", "hybrid"], 1, cuda=True, te=False)
+    _validate(["--fp8-format", "hybrid"], 1, cuda=True, te=True)  # accepted where it can run
+
+
+def test_no_data_is_refused():
+    cfg, _ = load_config([])
+    with pytest.raises(ConfigError, match="--data-path"):
+        validate(cfg, 1, cuda_available=False, te_available=False)
+
+
+def test_cli_reports_config_error_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "megatron_tempnet.train", "--config", "examples/configs/tiny_gpt.yaml",
+                           "--num-attention-heads", "3", "--dry-run"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "error: --hidden-size 64 is not divisible by --num-attention-heads 3" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,49 @@
+"""platform.py: rank discovery from torchrun and SLURM, and each CPU adaptation of megatron-core."""
+import torch
+
+from megatron_tempnet import platform
+
+
+def test_torchrun_environment():
+    env = platform.discover_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert env == platform.DistEnv(3, 4, 1, "n1", 1234)
+
+
+def test_slurm_environment_without_hand_set_variables():
+    env = platform.discover_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                 "SLURM_NODELIST": "gpu[07-08,12]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu07")
+    same_job = platform.discover_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu07",
+                                      "SLURM_JOB_ID": "4242"})
+    assert same_job.master_port == env.master_port and 20000 <= env.master_port < 40000
+
+
+def test_single_process_default():
+    assert platform.discover_env({}).world_size == 1
+
+
+def test_slurm_nodelist_forms():
+    assert platform._first_slurm_host("a01,a02") == "a01"
+    assert platform._first_slurm_host("node[3-5]") == "node3"
+    assert platform._first_slurm_host("solo") == "solo"
+
+
+def test_cpu_adaptation_maps_cuda_requests_to_cpu(single_rank):
+    if torch.cuda.is_available():
+        return  # nothing is adapted on a GPU machine
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.current_stream().wait_stream(None)
+    t = torch.zeros(3, device="cuda")
+    assert t.device.type == "cpu"
+    assert torch.tensor([1.0], device="cuda").device.type == "cpu"
+    assert t.cuda() is t
+    assert t.type() == "torch.cuda.FloatTensor"  # what megatron-core's optimizer checks for
+    assert t.to("cuda").device.type == "cpu"
+
+
+def test_cpu_rng_tracker_forks_without_cuda(single_rank):
+    from megatron.core import tensor_parallel
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        torch.rand(2)

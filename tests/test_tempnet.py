@@ -1,0 +1,129 @@
+"""TempNet against the formula in DESIGN.md, its bounds, its TP sharding, and the frozen-LM setting."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import spawn, tiny_config
+
+V, PADDED, D = 50, 64, 16
+
+
+def make_tempnet(variant="normalized", tau_min=0.5, tau_max=5.0, seed=3):
+    from megatron_tempnet.config import TempNetConfig
+    from megatron_tempnet.models.tempnet import TempNet
+
+    cfg = TempNetConfig(enabled=True, hidden_size=D, tau_min=tau_min, tau_max=tau_max, input_variant=variant)
+    return TempNet(cfg, V, PADDED, seed=seed)
+
+
+def formula(net, z):
+    """DESIGN.md, written out: x = z/||z|| (z over the true vocabulary; max-shifted first if asked);
+    h = W2 sigmoid(W1 x + b1) + b2; w = softmax(h / e^s); tau = lo + (hi-lo) sigmoid(a.((w - 1/d) h) + c)."""
+    z = z[..., :V].double()
+    if net.input_variant == "max_shifted":
+        z = z - z.max(-1, keepdim=True).values
+    x = z / z.norm(dim=-1, keepdim=True)
+    W1, b1 = net.w1.double()[:, :V], net.b1.double()
+    W2, b2 = net.proj.weight.double(), net.proj.bias.double()
+    a, c, s = net.last.weight.double().squeeze(0), net.last.bias.double(), net.log_scale.double()
+    h = torch.sigmoid(x @ W1.T + b1) @ W2.T + b2
+    w = torch.softmax(h / s.exp(), -1)
+    return net.tau_min + (net.tau_max - net.tau_min) * torch.sigmoid(((w - 1 / D) * h) @ a + c)
+
+
+@pytest.mark.parametrize("variant", ["normalized", "max_shifted"])
+def test_matches_formula(single_rank, variant):
+    net = make_tempnet(variant)
+    with torch.no_grad():  # move away from the initial a = 1, c = 0, s = 0 so every term matters
+        net.last.weight.normal_()
+        net.last.bias.fill_(0.3)
+        net.log_scale.fill_(0.2)
+    z = torch.randn(5, 3, PADDED) * 4
+    torch.testing.assert_close(net(z).double(), formula(net, z), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["normalized", "max_shifted"])
+def test_logits_free_input_equals_logits_input(single_rank, variant):
+    net = make_tempnet(variant)
+    hidden = torch.randn(7, 12)
+    weight = torch.randn(PADDED, 12)
+    z = hidden @ weight.T
+    zmax = z[:, :V].max(-1).values
+    torch.testing.assert_close(net.forward_from_hidden(hidden, weight, logit_max=zmax), net(z), rtol=1e-4, atol=1e-5)
+
+
+def test_tau_stays_in_bounds(single_rank):
+    net = make_tempnet(tau_min=0.01, tau_max=2.0)
+    with torch.no_grad():
+        net.last.weight.fill_(100.0)
+    for scale in (1e-3, 1.0, 1e3):
+        tau = net(torch.randn(64, PADDED) * scale)
+        assert torch.all(tau >= 0.01) and torch.all(tau <= 2.0)
+
+
+def test_no_gradient_reaches_lm_through_tempnet_input(single_rank):
+    from megatron_tempnet.training.model_setup import build_model_chunks
+
+    cfg = tiny_config("llama")
+    (model,) = build_model_chunks(cfg, wrap_ddp=False)
+    hidden = torch.randn(cfg.model.seq_length, 2, cfg.model.hidden_size, requires_grad=True)
+    logits, tau = model.logits_and_tau(hidden)
+    tau.sum().backward()
+    assert hidden.grad is None or torch.count_nonzero(hidden.grad) == 0
+    for name, p in model.named_parameters():
+        if getattr(p, "is_tempnet_parameter", False):
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+        else:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+
+
+def _frozen_lm_run(cfg):
+    from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
+    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.training.step import train_step
+
+    model, optimizer, scheduler = setup_run(cfg)
+    before = {n: p.detach().clone() for n, p in unwrap(model[0]).named_parameters()}
+    iters = data_iterators(cfg, build_datasets(cfg)[0], 0, len(model))
+    for _ in range(2):
+        train_step(cfg, model, optimizer, scheduler, iters)
+    after = dict(unwrap(model[0]).named_parameters())
+    return {n: (getattr(after[n], "is_tempnet_parameter", False), bool(torch.equal(before[n], after[n].detach())))
+            for n in before}
+
+
+@pytest.mark.slow
+def test_frozen_lm_mode_trains_tempnet_only():
+    cfg = tiny_config("gpt", train__mode="frozen_lm")
+    changed = spawn(_frozen_lm_run, 1, cfg)[0]
+    for name, (is_tempnet, unchanged) in changed.items():
+        assert unchanged != is_tempnet, f"{name}: tempnet={is_tempnet} unchanged={unchanged}"
+
+
+def _tp2_tempnet(z, variant):
+    from megatron.core import parallel_state as ps
+
+    from megatron_tempnet import platform
+
+    platform.init_distributed(tensor_model_parallel_size=2)
+    net = make_tempnet(variant)
+    r = ps.get_tensor_model_parallel_rank()
+    tau = net(z[..., r * PADDED // 2:(r + 1) * PADDED // 2])
+    tau.sum().backward()
+    return tau.detach(), net.w1.grad, net.proj.weight.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["normalized", "max_shifted"])
+def test_tensor_parallel_tempnet_equals_single_rank(single_rank, variant):
+    z = torch.randn(6, PADDED) * 3
+    net = make_tempnet(variant)
+    tau = net(z)
+    tau.sum().backward()
+    results = spawn(_tp2_tempnet, 2, z, variant)
+    for t, _, gproj in results:
+        torch.testing.assert_close(t, tau.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gproj, net.proj.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[1] for r in results], 1), net.w1.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,49 @@
+"""The trainer as users start it: torchrun with 4 CPU ranks, tiny GPT and LLaMA configs, and the loss falls."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = {
+    "tp2_pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    "tp2_dp2": ["--tensor-model-parallel-size", "2"],
+    "pp2_dp2": ["--pipeline-model-parallel-size", "2"],
+}
+
+
+def run_trainer(nproc: int, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           "-m", "megatron_tempnet.train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        out, err = proc.communicate()
+        pytest.fail(f"trainer did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def losses(stdout: str) -> list:
+    return [float(x) for x in re.findall(r"^iter\s+\d+/\d+ \| loss ([\d.]+)", stdout, flags=re.M)]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_four_ranks_train_and_loss_falls(arch, layout, tmp_path):
+    proc = run_trainer(4, ["--config", f"examples/configs/tiny_{arch}.yaml", *LAYOUTS[layout],
+                           "--train-iters", "30", "--log-interval", "5", "--eval-interval", "0",
+                           "--tensorboard-dir", str(tmp_path / "tb")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(proc.stdout)
+    assert len(curve) == 6, proc.stdout
+    assert curve[-1] < curve[0] - 0.1, curve
+    assert "ppl (tau=1)" in proc.stdout
+    assert any((tmp_path / "tb").iterdir())  # TensorBoard event file written
