@@ -37,7 +37,7 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None  # None: 4*hidden (GPT), 8/3*hidden rounded to 64 (LLaMA)
     seq_length: int = 64
     max_position_embeddings: Optional[int] = None  # None: seq_length
-    vocab_size: int = 1024  # true vocabulary size; taken from the tokenizer when a dataset is given
+    vocab_size: Optional[int] = None  # true vocabulary size; None: the tokenizer's (required with --mock-data)
     make_vocab_size_divisible_by: int = 128  # padding independent of TP, so checkpoints reshard
     rotary_base: int = 10000
     norm_epsilon: float = 1e-5
@@ -317,7 +317,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         )
     if vpp is not None and (pp < 2 or vpp < 2):
         raise ConfigError("--virtual-pipeline-model-parallel-size needs PP >= 2 and a value >= 2 (or leave it unset)")
-    if padded_vocab_size(m) % tp != 0:
+    if m.vocab_size is not None and padded_vocab_size(m) % tp != 0:
         raise ConfigError(
             f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP {tp}; "
             f"set --make-vocab-size-divisible-by to a multiple of {tp}"
@@ -372,6 +372,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         raise ConfigError(
             f"--mode {t.mode} starts from a trained LM; pass --pretrained-checkpoint DIR (or --load DIR to resume)"
         )
+    if cfg.data.mock_data and m.vocab_size is None:
+        raise ConfigError("--mock-data needs --vocab-size (there is no tokenizer to take it from)")
     if not cfg.data.mock_data and not cfg.data.data_path:
         raise ConfigError("no training data: pass --data-path PREFIX [...] (see tools/preprocess_data.py) or --mock-data")
     if cfg.data.data_path and not cfg.data.tokenizer_model:

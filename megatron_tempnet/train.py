@@ -12,12 +12,20 @@ from .config import ConfigError, load_config, validate
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .data.cli import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
+    from .data.indexed import DatasetError
+    from .data.tokenizer import TokenizerError
+    from .training.loop import resolve_vocab_size, train
+
     cfg, args = load_config(argv)
     env = platform.discover_env()
     try:
+        resolve_vocab_size(cfg)
         validate(cfg, env.world_size, cuda_available=platform.use_cuda(),
                  te_available=platform.transformer_engine_available())
-    except ConfigError as err:
+    except (ConfigError, DatasetError, TokenizerError) as err:
         if env.rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -25,8 +33,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if env.rank == 0:
             print("configuration is valid")
         return 0
-    from .training.loop import train
-
     try:
         train(cfg)
     finally:

@@ -10,7 +10,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
 from .. import platform
-from ..config import Config
+from ..config import Config, ConfigError
 from .batches import MockTokens, micro_batches
 from .model_setup import build_model_chunks
 from .optim import build_optimizer, build_scheduler
@@ -36,11 +36,31 @@ def build_datasets(cfg: Config):
         return (MockTokens(m.vocab_size, m.seq_length, n_train, seed=t.seed),
                 MockTokens(m.vocab_size, m.seq_length, n_valid, seed=t.seed + 1))
     from ..data.datasets import build_gpt_datasets  # needs files on disk
+    from ..data.tokenizer import load_tokenizer
 
     train, valid, _ = build_gpt_datasets(
-        cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, cfg.data.tokenizer_model,
-        (n_train, n_valid, 0), cfg.data.data_cache_path)
+        cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, load_tokenizer(cfg.data.tokenizer_model),
+        (n_train, n_valid, 0), cfg.data.data_cache_path, create_attention_mask=False)
+    if train is None or valid is None:
+        raise ConfigError(f"--split {cfg.data.split} leaves no {'training' if train is None else 'validation'} "
+                          "documents; give both the first and second split a weight")
     return train, valid
+
+
+def resolve_vocab_size(cfg: Config) -> None:
+    """Take the model's vocabulary size from the tokenizer, or refuse a model that disagrees with it."""
+    if cfg.data.mock_data or not cfg.data.tokenizer_model:
+        return  # validate() says what is missing
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer_vocab = load_tokenizer(cfg.data.tokenizer_model).vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer_vocab
+    elif cfg.model.vocab_size != tokenizer_vocab:
+        raise ConfigError(
+            f"the model's vocabulary ({cfg.model.vocab_size}, --vocab-size) differs from the tokenizer's "
+            f"({tokenizer_vocab}, {cfg.data.tokenizer_model}); drop --vocab-size to use the tokenizer's, "
+            "or pass the tokenizer the data was made with")
 
 
 def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int) -> list:
@@ -56,6 +76,7 @@ def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int)
 
 def setup_run(cfg: Config):
     """Process groups, model chunks (DDP-wrapped), optimizer and scheduler for this rank."""
+    resolve_vocab_size(cfg)
     p = cfg.parallel
     platform.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
