@@ -9,7 +9,7 @@ from megatron_tempnet.config import ConfigError, load_config, validate
 
 
 def _validate(argv, world_size=4, cuda=False, te=False):
-    cfg, _ = load_config(["--mock-data", *argv])
+    cfg, _ = load_config(["--mock-data", "--vocab-size", "1000", *argv])
     validate(cfg, world_size, cuda_available=cuda, te_available=te)
     return cfg
 
@@ -80,3 +80,9 @@ def test_cli_reports_config_error_without_traceback():
     assert proc.returncode == 2
     assert "error: --hidden-size 64 is not divisible by --num-attention-heads 3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_mock_data_needs_a_vocabulary_size():
+    cfg, _ = load_config(["--mock-data"])
+    with pytest.raises(ConfigError, match="--mock-data needs --vocab-size"):
+        validate(cfg, 1, cuda_available=False, te_available=False)
