@@ -87,24 +87,32 @@ _W: dict = {}
 
 
 def _init_worker(tokenizer_path: str, tokenizer_sha: str, keys, jsonl_by_file, dtype_name: str, append_eod: bool):
-    from megatron_tempnet.data.tokenizer import load_tokenizer as _load
+    # Never raise here: a Pool replaces a worker whose initializer fails, forever. Keep the error and
+    # raise it from the first task instead, where the main process sees it.
+    try:
+        from megatron_tempnet.data.tokenizer import load_tokenizer as _load
 
-    tok = _load(tokenizer_path)
-    if tok.sha256 != tokenizer_sha:
-        raise InputError(f"tokenizer {tokenizer_path} changed while preprocessing; do not overwrite it during a run")
-    _W.update(
-        tok=tok,
-        keys=list(keys),
-        jsonl=list(jsonl_by_file),
-        dtype=np.dtype(dtype_name),
-        eod=tok.eod if append_eod else None,
-        vocab=tok.vocab_size,
-    )
+        tok = _load(tokenizer_path)
+        if tok.sha256 != tokenizer_sha:
+            raise InputError(f"tokenizer {tokenizer_path} changed while preprocessing; do not overwrite it during a run")
+        _W.update(
+            tok=tok,
+            keys=list(keys),
+            jsonl=list(jsonl_by_file),
+            dtype=np.dtype(dtype_name),
+            eod=tok.eod if append_eod else None,
+            vocab=tok.vocab_size,
+            error=None,
+        )
+    except Exception as e:  # noqa: BLE001
+        _W["error"] = e
 
 
 def _process_chunk(chunk: List[Tuple[int, bytes]]):
     """chunk: [(file_index, raw_bytes)] in record order. Returns, for the chunk:
     ({key: (record_offsets int32, lengths int64, tokens dtype)}, [(record_offset, key|None, reason, detail)])."""
+    if _W.get("error") is not None:
+        raise _W["error"]
     keys, jsonl, dtype, eod = _W["keys"], _W["jsonl"], _W["dtype"], _W["eod"]
     texts = {k: [] for k in keys}
     where = {k: [] for k in keys}
@@ -138,6 +146,15 @@ def _process_chunk(chunk: List[Tuple[int, bytes]]):
             )
         out[k] = (np.asarray(where[k], dtype=np.int32), lengths, flat.astype(dtype, copy=False))
     return out, skips
+
+
+def _start_method() -> str:
+    """spawn, unless the main module is a file that spawn cannot re-import (python - < script, exec)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is not None and not os.path.isfile(path) and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "spawn"
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -482,7 +499,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             if workers > 1:
                 # spawn: light workers that never import torch / megatron. Started before this process
                 # imports megatron-core (in _Shard), so they do not even inherit its memory at fork time.
-                ctx = mp.get_context("spawn")
+                ctx = mp.get_context(_start_method())
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
             else:
                 _init_worker(*init_args)
