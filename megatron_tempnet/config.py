@@ -106,7 +106,7 @@ class TempNetConfig:
 @dataclass
 class LossConfig:
     dro_rho: Optional[float] = None  # None: log V, which with tau = 1 is plain cross-entropy
-    loss_impl: str = "reference"  # "reference" (materialised vocab-parallel logits) or "fused"
+    loss_impl: str = "auto"  # "fused" (never materialises logits), "reference", or "auto" (whichever wins here)
 
 
 @dataclass
@@ -281,7 +281,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     _choice(t.precision, ("auto", "fp32", "bf16", "fp16"), "--precision")
     _choice(t.lr_decay_style, ("cosine", "linear", "constant"), "--lr-decay-style")
     _choice(tn.input_variant, ("normalized", "max_shifted"), "--tempnet-input-variant")
-    _choice(cfg.loss.loss_impl, ("reference", "fused"), "--loss-impl")
+    _choice(cfg.loss.loss_impl, ("auto", "reference", "fused"), "--loss-impl")
 
     if tp < 1 or pp < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -10,8 +10,9 @@ tau = 1 with rho = log V is plain cross-entropy, so the no-TempNet baseline runs
 
 `dro_loss` is the reference: it takes materialised logits (each tensor-parallel rank holds its contiguous
 vocabulary shard) and uses megatron-core's vocab_parallel_cross_entropy for the tau-scaled cross-entropy.
-`linear_dro_loss` is the same loss from the final hidden states and the output weight; the fused
-implementation (tempnet_kernels.dro_cce) never materialises the logits.
+`linear_dro_loss` is the same loss from the final hidden states and the output weight through the fused
+kernel (tempnet_kernels.dro_cce: Triton on GPUs, chunked torch elsewhere), which never materialises the
+logits. `--loss-impl` chooses; `resolve_loss_impl` says which wins where.
 """
 from __future__ import annotations
 
@@ -70,3 +71,44 @@ def tau_scaled_cross_entropy(loss: torch.Tensor, tau: Optional[torch.Tensor], rh
     """CE(z / tau) recovered from the DRO loss, for logging: L / tau - (rho - log V)."""
     t = 1.0 if tau is None else tau.float()
     return loss.detach() / t - (rho - math.log(vocab_size))
+
+
+def linear_dro_loss(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    targets: torch.Tensor,
+    tau: Optional[torch.Tensor],
+    rho: float,
+    vocab_size: int,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """Per-token DRO loss from final hidden states, without materialising the logits (fused kernel).
+
+    hidden: [s, b, D] (or [s/TP, b, D] under sequence parallelism); output_weight: [V/TP, D] this rank's rows
+    of the output layer; targets, tau: [s, b] (tau None = 1). Returns [s, b] fp32. Gradients reach hidden
+    (all-reduced over TP, as megatron-core's ColumnParallelLinear does), the output weight and tau.
+    """
+    from tempnet_kernels.dro_cce import linear_dro_cross_entropy
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if sequence_parallel:  # gather the sequence; the backward reduce-scatters the partial dE
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:  # the backward sums the partial dE of every vocabulary shard
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    if tau is None:
+        tau = torch.ones(targets.shape, dtype=torch.float32, device=hidden.device)
+    start = parallel_state.get_tensor_model_parallel_rank() * output_weight.size(0)
+    return linear_dro_cross_entropy(hidden, output_weight, targets, tau, rho, vocab_size,
+                                    vocab_start_index=start, tp_group=group)
+
+
+# Vocabulary shard size from which the chunked torch kernel beats materialised logits on a CPU
+# (benchmarks/loss_kernel.py: 32000 x 512 at 8192 tokens: 18.6 s vs 27.5 s; 8192 x 256: 3.8 s vs 1.8 s).
+FUSED_WINS_ON_CPU_FROM_VOCAB_SHARD = 16384
+
+
+def resolve_loss_impl(requested: str, padded_vocab_size: int, tp_size: int, cuda: bool) -> str:
+    """'auto' -> 'fused' on GPUs (Triton) and on CPUs for large vocabulary shards, else 'reference'."""
+    if requested != "auto":
+        return requested
+    return "fused" if cuda or padded_vocab_size // tp_size >= FUSED_WINS_ON_CPU_FROM_VOCAB_SHARD else "reference"

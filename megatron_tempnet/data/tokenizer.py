@@ -423,6 +423,10 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         msg = str(e)
+        if stats["pieces"] == 0:
+            raise TrainError(
+                "no text to train on: the inputs are empty or every record was unusable (check --json-keys)"
+            ) from None
         if "Vocabulary size is too high" in msg or "vocab_size" in msg.lower():
             raise TrainError(
                 f"sentencepiece cannot reach --vocab-size {vocab_size} from {stats['bytes']:,} characters of text "

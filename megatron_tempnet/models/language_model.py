@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from tempnet_kernels.dro_cce import vocab_parallel_logit_max
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import platform
 from ..config import Config, padded_vocab_size
-from ..loss import default_rho, dro_loss
+from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
 from . import gpt, llama
 from .specs import layer_spec, set_init_seed
 from .tempnet import TempNet
@@ -57,6 +59,8 @@ class TempNetGPTModel(GPTModel):
         )
         self.true_vocab_size = m.vocab_size
         self.rho = cfg.loss.dro_rho if cfg.loss.dro_rho is not None else default_rho(m.vocab_size)
+        self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, padded_vocab_size(m),
+                                           cfg.parallel.tensor_model_parallel_size, platform.use_cuda())
         self.tempnet = None
         if post_process and cfg.tempnet.enabled:
             self.tempnet = TempNet(cfg.tempnet, m.vocab_size, padded_vocab_size(m), cfg.train.seed)
@@ -70,9 +74,34 @@ class TempNetGPTModel(GPTModel):
         tau = self.tempnet(logits) if self.tempnet is not None else None
         return logits, tau
 
+    def _fused_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor) -> LMOutput:
+        """The loss without logits: logits-free TempNet input and the fused DRO kernel."""
+        weight = self._output_weight()
+        weight = self.output_layer.weight if weight is None else weight
+        sp = self.config.sequence_parallel
+        tau = None
+        if self.tempnet is not None:
+            full = (tensor_parallel.gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+                    if sp else hidden_states)
+            logit_max = None
+            if self.tempnet.input_variant == "max_shifted":
+                logit_max = vocab_parallel_logit_max(
+                    full, weight, self.true_vocab_size, vocab_start_index=self.tempnet.vocab_start,
+                    tp_group=parallel_state.get_tensor_model_parallel_group())
+            tau = self.tempnet.forward_from_hidden(full, weight, logit_max)
+        loss = linear_dro_loss(hidden_states, weight, targets, tau, self.rho, self.true_vocab_size, sp)
+        ce = None
+        if tau is not None and not self.training:
+            ce = linear_dro_loss(hidden_states, weight, targets, None, default_rho(self.true_vocab_size),
+                                 self.true_vocab_size, sp)
+        t = lambda x: x.transpose(0, 1) if x is not None else None  # noqa: E731  [s, b] -> [b, s]
+        return LMOutput(loss=t(loss), tau=t(tau), ce_at_tau1=t(ce))
+
     def _postprocess(self, hidden_states, labels=None, **_unused):
         if not self.post_process:
             return hidden_states
+        if labels is not None and self.loss_impl == "fused":
+            return self._fused_loss(hidden_states, labels.transpose(0, 1).contiguous())
         logits, tau = self.logits_and_tau(hidden_states)
         if labels is None:  # generation: [b, s, V/TP] logits and [b, s] tau
             return logits.transpose(0, 1), (tau.transpose(0, 1) if tau is not None else None)

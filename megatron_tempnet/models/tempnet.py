@@ -17,7 +17,7 @@ Two ways to get the first layer, with the same result:
 - `forward(logits_shard)` from materialised vocabulary-parallel logits;
 - `forward_from_hidden(hidden, output_weight_shard)` without logits: W1 z = (W1 C) e and
   ||z||^2 = e^T (C^T C) e, with e the final hidden state and C the output weight. Cost per step: a d x D
-  and a D x D matrix instead of N x V logits.
+  and a D x D matrix instead of N x V logits (tempnet_kernels.dro_cce.tempnet_first_layer_logits_free).
 
 Every parameter carries `is_tempnet_parameter = True`, so the optimizer can give TempNet its own learning rate.
 """
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from tempnet_kernels.dro_cce import tempnet_first_layer_logits_free
 
 from ..config import TempNetConfig
 
@@ -102,19 +103,13 @@ class TempNet(torch.nn.Module):
     ) -> torch.Tensor:
         """Logits-free first layer. hidden: [..., D] final hidden states e; output_weight: [V/TP, D] this
         rank's rows of C; logit_max: [...] global max_k z_k, needed by the max_shifted variant."""
-        e = hidden.detach().float()
-        c = output_weight.detach().float()[: self.valid_local]
-        w1 = self.w1[:, : self.valid_local]
-        w1z = e @ (w1 @ c).t()  # (W1 C) e
-        sq_norm = ((e @ (c.t() @ c)) * e).sum(-1)  # e^T (C^T C) e
-        if self.input_variant == "max_shifted":
-            if logit_max is None:
-                raise ValueError("the max_shifted TempNet input needs the per-token logit max (logit_max)")
-            m = logit_max.float()
-            z_sum = e @ c.sum(0)  # sum_k z_k over this shard
-            w1z = w1z - m.unsqueeze(-1) * w1.sum(1)
-            sq_norm = sq_norm - 2 * m * z_sum + m * m * self.valid_local
-        return self.head(*self._reduce(w1z, sq_norm))
+        if self.input_variant == "max_shifted" and logit_max is None:
+            raise ValueError("the max_shifted TempNet input needs the per-token logit max (logit_max)")
+        w1z, sq_norm = tempnet_first_layer_logits_free(
+            hidden, output_weight, self.w1, self.vocab_size, self.vocab_start,
+            parallel_state.get_tensor_model_parallel_group(),
+            shift=logit_max if self.input_variant == "max_shifted" else None)
+        return self.head(w1z, sq_norm)
 
     # -- the rest (replicated on every TP rank) ----------------------------------------------------------
 
