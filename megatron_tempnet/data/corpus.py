@@ -43,14 +43,20 @@ def stdlib_source_files(root: Optional[str | os.PathLike] = None, include_tests:
     if not root.is_dir():
         raise FileNotFoundError(f"the Python standard library folder {root} does not exist")
     out = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root)
-        if any(part in EXCLUDED_DIRS or part.startswith(".") for part in rel.parts[:-1]):
-            continue
-        if not include_tests and is_test_path(rel):
-            continue
-        if p.is_file():
-            out.append(p)
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune while walking: site-packages can be far larger than the stdlib itself
+        dirnames[:] = [
+            d for d in dirnames
+            if d not in EXCLUDED_DIRS and not d.startswith(".") and (include_tests or d not in TEST_DIRS)
+        ]
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            p = Path(dirpath) / name
+            if not include_tests and is_test_path(p.relative_to(root)):
+                continue
+            if p.is_file():
+                out.append(p)
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 

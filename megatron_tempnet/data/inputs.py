@@ -14,12 +14,11 @@ SkipRecord with a reason. Parsing happens in preprocess_data's worker processes,
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_MODES = ("file", "line")
