@@ -1,0 +1,268 @@
+"""preprocess_data: Megatron's .idx/.bin format, determinism across workers and shards, bad input, resume."""
+import gzip
+import json
+import os
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from megatron_tempnet.data import preprocess as pp
+from megatron_tempnet.data.indexed import DatasetError, merge_datasets, read_json
+from megatron_tempnet.data.inputs import InputError
+from megatron_tempnet.data.preprocess import PreprocessConfig, preprocess
+from megatron_tempnet.data.tokenizer import load_tokenizer, train_sentencepiece
+
+WORDS = ("the of and to in is for that with on as by data model token layer tensor rank shard "
+         "parallel pipeline gradient loss temperature robust sample batch def return self import").split()
+
+
+def doc(rng, i):
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(rng.randint(1, 5))]
+    return ("    " if i % 4 == 0 else "") + "\n".join(lines) + ("\n" if i % 2 else "")
+
+
+def docs(n, seed=0):
+    rng = random.Random(seed)
+    return [doc(rng, i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    return train_sentencepiece(docs(300, seed=1) + ["naïve café 日本"], str(d / "tok"), 300, threads=1)["model"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A JSONL, a .jsonl.gz and a folder of text files (with a hidden file that must be ignored)."""
+    d = tmp_path_factory.mktemp("corpus")
+    texts = docs(60)
+    with open(d / "a.jsonl", "w") as f:
+        for t in texts[:30]:
+            f.write(json.dumps({"text": t, "meta": 1}) + "\n")
+    with gzip.open(d / "b.jsonl.gz", "wt") as f:
+        for t in texts[30:50]:
+            f.write(json.dumps({"text": t}) + "\n")
+    (d / "txt" / "sub").mkdir(parents=True)
+    for i, t in enumerate(texts[50:]):
+        (d / "txt" / ("sub" if i % 2 else "") / f"f{i:02d}.txt").write_text(t)
+    (d / "txt" / ".hidden.txt").write_text("never read")
+    files_order = sorted([f"f{i:02d}.txt" if i % 2 == 0 else f"sub/f{i:02d}.txt" for i in range(10)])
+    by_name = {(f"sub/f{i:02d}.txt" if i % 2 else f"f{i:02d}.txt"): t for i, t in enumerate(texts[50:])}
+    expected = texts[:50] + [by_name[n] for n in files_order]
+    return {"inputs": [str(d / "a.jsonl"), str(d / "b.jsonl.gz"), str(d / "txt")], "texts": expected, "dir": d}
+
+
+def run(corpus_inputs, tok, out, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return preprocess(PreprocessConfig(inputs=corpus_inputs, output_prefix=str(out), tokenizer=tok, **kw))
+
+
+def tree_bytes(folder):
+    return {
+        os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+        for r, _, fs in os.walk(folder) for f in fs
+    }
+
+
+# ---------------------------------------------------------------------------------------------- format
+
+
+def test_round_trip_and_idx_bytes_follow_megatron_format(corpus, tok_path, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    man = run(corpus["inputs"], tok_path, tmp_path / "out" / "c", append_eod=True)
+    tok = load_tokenizer(tok_path)
+    expected = [tok.tokenize(t) + [tok.eod] for t in corpus["texts"]]
+    assert man["counts"]["docs"] == len(expected) == 60
+    assert man["dtype"] == "uint16" and man["tokenizer"]["vocab_size"] == 300
+    assert man["tokenizer"]["sha256"] == tok.sha256 and man["complete"]
+    prefix = str(tmp_path / "out" / "c_00000")
+
+    raw = open(prefix + ".idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    assert struct.unpack("<Q", raw[9:17])[0] == 1  # version
+    assert raw[17] == 8  # megatron DType code of uint16
+    n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
+    assert (n_seq, n_doc) == (60, 61)
+    assert len(raw) == 34 + n_seq * 4 + n_seq * 8 + n_doc * 8
+    lengths = np.frombuffer(raw, np.int32, n_seq, 34)
+    pointers = np.frombuffer(raw, np.int64, n_seq, 34 + 4 * n_seq)
+    doc_idx = np.frombuffer(raw, np.int64, n_doc, 34 + 12 * n_seq)
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert pointers.tolist() == (np.concatenate([[0], np.cumsum(lengths)[:-1]]) * 2).tolist()
+    assert doc_idx.tolist() == list(range(61))
+    tokens = np.fromfile(prefix + ".bin", dtype=np.uint16)
+    assert tokens.tolist() == [t for e in expected for t in e]
+
+    ds = IndexedDataset(prefix)  # megatron-core reads it
+    assert len(ds) == 60
+    for i in (0, 31, 59):
+        assert ds[i].tolist() == expected[i]
+    assert tok.detokenize(ds[45][:-1].tolist()) == corpus["texts"][45]
+
+    meta = read_json(prefix + ".meta.json")
+    assert meta["tokenizer"]["sha256"] == tok.sha256 and meta["counts"]["docs"] == 60
+
+
+def test_same_output_for_any_worker_count(corpus, tok_path, tmp_path):
+    m1 = run(corpus["inputs"], tok_path, tmp_path / "w1" / "c", workers=1, shards=3, append_eod=True)
+    m4 = run(corpus["inputs"], tok_path, tmp_path / "w4" / "c", workers=4, shards=3, append_eod=True, chunk_records=4)
+    assert m4["run"]["workers"] == 4
+    a, b = tree_bytes(tmp_path / "w1"), tree_bytes(tmp_path / "w4")
+    assert sorted(a) == sorted(b) and len(a) == 3 * 3 + 1  # 3 shards x (.bin .idx .meta.json) + manifest
+    for name in a:
+        assert a[name] == b[name], name  # byte-identical, manifest and markers included
+    assert m1["counts"] == m4["counts"]
+
+
+@pytest.mark.parametrize("sharding", [{"shards": 4}, {"docs_per_shard": 7}, {"shard_size_mb": 0.0005}])
+def test_one_shard_equals_n_shards_merged(corpus, tok_path, tmp_path, sharding):
+    run(corpus["inputs"], tok_path, tmp_path / "one" / "c", append_eod=True)
+    man = run(corpus["inputs"], tok_path, tmp_path / "many" / "c", append_eod=True, **sharding)
+    assert len(man["shards"]) > 1
+    assert sum(s["datasets"]["text"]["docs"] for s in man["shards"]) == 60
+    merge_datasets([str(tmp_path / "many" / "c.manifest.json")], str(tmp_path / "merged" / "all"))
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / "merged" / f"all{ext}", "rb").read() == open(tmp_path / "one" / f"c_00000{ext}", "rb").read()
+
+
+def test_several_json_keys_get_their_own_datasets(tmp_path, tok_path):
+    src = tmp_path / "k.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "title": t.split()[0]}) + "\n" for t in docs(10)))
+    man = run([str(src)], tok_path, tmp_path / "o" / "k", json_keys=["text", "title"], shards=2)
+    assert sorted(man["prefixes"]) == ["text", "title"]
+    assert man["prefixes"]["title"] == ["k_title_00000", "k_title_00001"]
+    assert man["counts"]["per_key"]["title"]["docs"] == 10
+
+
+def test_text_mode_line_and_plain_text_inputs(tmp_path, tok_path):
+    f = tmp_path / "lines.txt"
+    f.write_text("first line\n\nsecond line\nthird")
+    man = run([str(f)], tok_path, tmp_path / "o" / "l", text_mode="line")
+    assert man["counts"]["docs"] == 3 and man["counts"]["skipped"] == {"empty": 1}
+    man = run([str(f)], tok_path, tmp_path / "o2" / "l")  # default: one document per file
+    assert man["counts"]["docs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+BAD_LINES = [
+    json.dumps({"text": "good one"}).encode(),
+    b'{"text": "unterminated',  # malformed JSON
+    json.dumps({"body": "no text key"}).encode(),  # missing key
+    json.dumps({"text": ""}).encode(),  # empty
+    json.dumps({"text": "   \n\t"}).encode(),  # whitespace only: empty
+    b'{"text": "bad \xff\xfe bytes"}',  # invalid UTF-8
+    b'{"text": "lone \\ud800 surrogate"}',  # valid JSON, not encodable text
+    json.dumps({"text": 42}).encode(),  # not a string
+    b"[1, 2, 3]",  # not an object
+    b"",  # blank line
+    json.dumps({"text": "good two"}).encode(),
+]
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path, tok_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    man = run([str(src)], tok_path, tmp_path / "o" / "bad")
+    assert man["counts"]["docs"] == 2 and man["counts"]["records"] == len(BAD_LINES)
+    assert man["counts"]["skipped"] == {
+        "blank_line": 1, "empty": 2, "invalid_utf8": 2, "malformed_json": 1,
+        "missing_key": 1, "not_a_string": 1, "not_an_object": 1,
+    }
+    err = capsys.readouterr().err
+    assert f"{src}:2: malformed_json" in err and f"{src}:3: missing_key" in err
+
+
+def test_strict_stops_at_file_and_line_and_keeps_completed_shards(tmp_path, tok_path):
+    texts = docs(20)
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[12] = '{"text": broken'
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o" / "s"
+    with pytest.raises(InputError, match=rf"{src}:13: malformed json .*--strict"):
+        run([str(src)], tok_path, out, strict=True, docs_per_shard=5)
+    names = sorted(os.listdir(tmp_path / "o"))
+    assert names == ["s.manifest.json", "s_00000.bin", "s_00000.idx", "s_00000.meta.json",
+                     "s_00001.bin", "s_00001.idx", "s_00001.meta.json"]  # no half shard, no .tmp left
+    man = read_json(str(out) + ".manifest.json")
+    assert not man["complete"] and len(man["shards"]) == 2 and man["counts"]["docs"] == 10
+    # a rerun without --strict resumes after the completed shards and equals a fresh run
+    man = run([str(src)], tok_path, out, docs_per_shard=5)
+    assert man["run"]["resumed_shards"] == 2 and man["complete"] and man["counts"]["docs"] == 19
+    run([str(src)], tok_path, tmp_path / "fresh" / "s", docs_per_shard=5)
+    assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "fresh")
+
+
+def test_crash_mid_shard_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path, tok_path, corpus, monkeypatch):
+    out = tmp_path / "o" / "c"
+    original = pp._Shard.finish
+
+    def crash_on_second(self, end, meta):
+        if self.index == 1:
+            raise RuntimeError("simulated crash")
+        return original(self, end, meta)
+
+    monkeypatch.setattr(pp._Shard, "finish", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(corpus["inputs"], tok_path, out, shards=3)
+    names = sorted(os.listdir(tmp_path / "o"))
+    assert not any(n.startswith("c_00001") or n.endswith(".tmp") for n in names), names
+    assert "c_00000.idx" in names and "c_00000.meta.json" in names
+    monkeypatch.setattr(pp._Shard, "finish", original)
+    before = os.stat(str(out) + "_00000.bin").st_mtime_ns
+    man = run(corpus["inputs"], tok_path, out, shards=3)
+    assert man["run"]["resumed_shards"] == 1 and os.stat(str(out) + "_00000.bin").st_mtime_ns == before
+    run(corpus["inputs"], tok_path, tmp_path / "fresh" / "c", shards=3)
+    assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "fresh")
+
+
+def test_rerun_skips_verified_shards_and_redoes_a_corrupted_one(tmp_path, tok_path, corpus):
+    out = tmp_path / "o" / "c"
+    run(corpus["inputs"], tok_path, out, shards=3)
+    good = tree_bytes(tmp_path / "o")
+    man = run(corpus["inputs"], tok_path, out, shards=3)
+    assert man["run"]["resumed_shards"] == 3 and tree_bytes(tmp_path / "o") == good
+    with open(str(out) + "_00001.bin", "r+b") as f:  # same size, different bytes: only the checksum sees it
+        f.write(b"\x00\x00")
+    man = run(corpus["inputs"], tok_path, out, shards=3)
+    assert man["run"]["resumed_shards"] == 1 and tree_bytes(tmp_path / "o") == good
+    man = run(corpus["inputs"], tok_path, out, shards=3, force=True)
+    assert man["run"]["resumed_shards"] == 0 and tree_bytes(tmp_path / "o") == good
+    # different settings (another sharding) never reuse the old shards, and leave none of them behind
+    man = run(corpus["inputs"], tok_path, out, shards=2)
+    assert man["run"]["resumed_shards"] == 0
+    assert sorted(n for n in os.listdir(tmp_path / "o") if n.endswith(".bin")) == ["c_00000.bin", "c_00001.bin"]
+
+
+def test_vocabulary_too_large_for_uint16(tmp_path):
+    from test_data_tokenizer import make_hf_tokenizer
+
+    folder = make_hf_tokenizer(tmp_path / "hf", 70000)
+    src = tmp_path / "w.jsonl"
+    src.write_text(json.dumps({"text": "the w69000 data w5"}) + "\n")
+    with pytest.raises(DatasetError, match=r"70000 ids .* does not fit uint16.*--dtype int32"):
+        run([str(src)], folder, tmp_path / "o" / "w", dtype="uint16")
+    assert not (tmp_path / "o" / "w_00000.bin").exists()
+    man = run([str(src)], folder, tmp_path / "o" / "w", append_eod=True)  # auto: int32
+    assert man["dtype"] == "int32"
+    raw = open(tmp_path / "o" / "w_00000.idx", "rb").read()
+    assert raw[17] == 4  # megatron DType code of int32
+    tok = load_tokenizer(folder)
+    ids = np.fromfile(tmp_path / "o" / "w_00000.bin", dtype=np.int32).tolist()
+    assert ids == tok.tokenize("the w69000 data w5") + [tok.eod] and max(ids) > 65535
+
+
+def test_missing_inputs_and_bad_options(tmp_path, tok_path):
+    with pytest.raises(InputError, match="does not exist"):
+        run([str(tmp_path / "nope.jsonl")], tok_path, tmp_path / "o" / "x")
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(InputError, match="at most one"):
+        run([str(src)], tok_path, tmp_path / "o" / "x", shards=2, shard_size_mb=1)
