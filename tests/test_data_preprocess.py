@@ -229,10 +229,12 @@ def test_rerun_skips_verified_shards_and_redoes_a_corrupted_one(tmp_path, tok_pa
     good = tree_bytes(tmp_path / "o")
     man = run(corpus["inputs"], tok_path, out, shards=3)
     assert man["run"]["resumed_shards"] == 3 and tree_bytes(tmp_path / "o") == good
-    with open(str(out) + "_00001.bin", "r+b") as f:  # same size, different bytes: only the checksum sees it
+    # shard 2 starts inside the .gz file: resuming there seeks into the decompressed stream
+    assert man["shards"][2]["records"] == [40, 60]
+    with open(str(out) + "_00002.bin", "r+b") as f:  # same size, different bytes: only the checksum sees it
         f.write(b"\x00\x00")
     man = run(corpus["inputs"], tok_path, out, shards=3)
-    assert man["run"]["resumed_shards"] == 1 and tree_bytes(tmp_path / "o") == good
+    assert man["run"]["resumed_shards"] == 2 and tree_bytes(tmp_path / "o") == good
     man = run(corpus["inputs"], tok_path, out, shards=3, force=True)
     assert man["run"]["resumed_shards"] == 0 and tree_bytes(tmp_path / "o") == good
     # different settings (another sharding) never reuse the old shards, and leave none of them behind
