@@ -106,7 +106,10 @@ def device() -> torch.device:
 
 
 class _CpuStream:
-    """Stand-in for torch.cuda.Stream on a CPU: work is synchronous, so waiting is a no-op."""
+    """Stand-in for torch.cuda.Stream on a CPU: work is synchronous, so waiting is a no-op. A class (not a
+    function), so code that uses torch.cuda.Stream in type annotations still imports."""
+
+    def __init__(self, *_a, **_k) -> None: ...
 
     def wait_stream(self, *_a, **_k) -> None: ...
     def wait_event(self, *_a, **_k) -> None: ...
@@ -161,7 +164,7 @@ def adapt_megatron_core_for_cpu() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _CpuStream()
     torch.cuda.default_stream = lambda *a, **k: _CpuStream()
-    torch.cuda.Stream = lambda *a, **k: _CpuStream()
+    torch.cuda.Stream = _CpuStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _CPU_MODE = CpuDeviceMode()
     _CPU_MODE.__enter__()  # for the life of the process

@@ -47,3 +47,9 @@ def test_cpu_rng_tracker_forks_without_cuda(single_rank):
 
     with tensor_parallel.get_cuda_rng_tracker().fork():
         torch.rand(2)
+
+
+def test_cpu_adaptation_keeps_cuda_stream_a_type(single_rank):
+    """Libraries annotate with torch.cuda.Stream | None at import time (transformers does)."""
+    assert (torch.cuda.Stream | None) is not None
+    import transformers.generation  # noqa: F401  imports after the adaptation
