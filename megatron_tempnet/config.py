@@ -111,8 +111,14 @@ class LossConfig:
 
 @dataclass
 class FP8Config:
-    fp8_format: Optional[str] = None  # None (off), "e4m3", "hybrid"; needs Transformer Engine and a GPU
-    fp8_recipe: str = "delayed"
+    """FP8 matmuls in the transformer layers through Transformer Engine (megatron-core's TE layer spec).
+
+    Master weights, optimizer state and gradients stay in fp32/bf16 (megatron-core's mixed-precision
+    optimizer). TempNet and the loss stay in fp32: tau multiplies the loss and its gradient is a difference of
+    two O(log V) terms (rho - KL), which neither bf16's 8-bit nor FP8's 3-bit mantissa resolves."""
+
+    fp8_format: Optional[str] = None  # None (off), "e4m3", "hybrid" (e4m3 forward, e5m2 gradients)
+    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "mxfp8" (Blackwell), "blockwise"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
 
@@ -337,6 +343,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
 
     if cfg.fp8.fp8_format is not None:
         _choice(cfg.fp8.fp8_format, ("e4m3", "hybrid"), "--fp8-format")
+        _choice(cfg.fp8.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"), "--fp8-recipe")
+        _choice(cfg.fp8.fp8_amax_compute_algo, ("max", "most_recent"), "--fp8-amax-compute-algo")
         if not cuda_available:
             raise ConfigError(
                 "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
