@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the embedded default corpus: the Python standard library's own .py files, as JSONL.
+r"""Write the embedded default corpus: the Python standard library's own .py files, as JSONL.
 
     python tools/build_stdlib_corpus.py --output data/stdlib.jsonl \
         [--holdout-output data/stdlib_heldout.jsonl --holdout-fraction 0.02] [--include-tests]

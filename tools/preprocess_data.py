@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize JSONL / text corpora into sharded Megatron indexed datasets (.bin/.idx).
+r"""Tokenize JSONL / text corpora into sharded Megatron indexed datasets (.bin/.idx).
 
     python tools/preprocess_data.py --input data/ corpus.jsonl.gz --json-keys text \
         --tokenizer-model tok.model --output-prefix out/corpus --append-eod --workers 8 --shards 4

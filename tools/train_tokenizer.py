@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a sentencepiece tokenizer (BPE or unigram) from JSONL / text files, streaming.
+r"""Train a sentencepiece tokenizer (BPE or unigram) from JSONL / text files, streaming.
 
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \
         --model-prefix out/tok --vocab-size 32000 [--model-type bpe] [--threads 8]
