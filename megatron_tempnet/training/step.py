@@ -104,19 +104,28 @@ def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, for
 
 
 def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, data_iterators) -> dict:
-    """Forward, backward and optimizer step on one global batch. Returns metrics (same on every rank)."""
+    """Forward, backward and optimizer step on one global batch. Returns metrics (same on every rank).
+
+    A non-finite loss or gradient norm skips the update (metrics["update_successful"] is False): the weights,
+    optimizer state and schedule stay as they were. Every rank sees the same loss (broadcast) and grad norm
+    (all-reduced), so they all skip together.
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=cfg.train.global_batch_size)
     stats, taus = _reduce_reports(reports)
     metrics = metrics_from_stats(stats)
-    metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   update_successful=bool(update_successful), lr=scheduler.get_lr(optimizer.param_groups[0]))
-    metrics["tau_values"] = taus
+    # optimizer.step(), in its parts, so that a bad step can be refused before the update.
+    found_inf = optimizer.prepare_grads()  # mixed precision: unscale and check; fp32: wire the main grads
+    grad_norm = optimizer.clip_grad_norm(cfg.train.clip_grad) if cfg.train.clip_grad > 0 else optimizer.get_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    update_successful = not found_inf and math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
+    if update_successful:
+        optimizer.step_with_ready_grads()
+        scheduler.step(increment=cfg.train.global_batch_size)
+    metrics.update(grad_norm=grad_norm, update_successful=update_successful,
+                   lr=scheduler.get_lr(optimizer.param_groups[0]), tau_values=taus)
     return metrics
 
 
