@@ -92,17 +92,29 @@ def setup_run(cfg: Config):
 
 def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
     """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics."""
+    from .checkpointing import load_checkpoint, load_model_weights, save_checkpoint, valid_consumed_samples
+
     model, optimizer, scheduler = setup_run(cfg)
     state = state or RunState()
-    if cfg.checkpoint.pretrained_checkpoint:
-        from .checkpointing import load_model_weights
-
-        load_model_weights(cfg.checkpoint.pretrained_checkpoint, model)
+    ck = cfg.checkpoint
+    loaded = load_checkpoint(cfg, model, optimizer, scheduler) if ck.load else None
+    if loaded is not None:  # resume: the full training state, data position included
+        state.iteration, state.consumed_samples = loaded.iteration, loaded.consumed_samples
+    elif ck.pretrained_checkpoint:  # weights only (finetune / frozen_lm)
+        load_model_weights(ck.pretrained_checkpoint, model, cfg)
+        optimizer.reload_model_params()
     train_ds, valid_ds = build_datasets(cfg)
     train_iters = data_iterators(cfg, train_ds, state.consumed_samples, len(model))
-    valid_iters = data_iterators(cfg, valid_ds, 0, len(model))
+    valid_iters = data_iterators(cfg, valid_ds, valid_consumed_samples(cfg, state.iteration), len(model))
     logger = RunLogger(cfg)
     t = cfg.train
+    saved_at = state.iteration if loaded is not None else None
+
+    def save() -> None:
+        nonlocal saved_at
+        save_checkpoint(cfg, state.iteration, state.consumed_samples, model, optimizer, scheduler)
+        saved_at = state.iteration
+
     try:
         while state.iteration < t.train_iters:
             metrics = train_step(cfg, model, optimizer, scheduler, train_iters)
@@ -112,6 +124,10 @@ def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
             state.history.append({k: v for k, v in metrics.items() if k != "tau_values"})
             if t.eval_interval and state.iteration % t.eval_interval == 0 and state.iteration < t.train_iters:
                 logger.evaluation(state.iteration, evaluate(cfg, model, valid_iters, t.eval_iters))
+            if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
+                save()
+        if ck.save and saved_at != state.iteration:
+            save()
         final = evaluate(cfg, model, valid_iters, t.eval_iters)
         logger.evaluation(state.iteration, final)
         state.history.append({"final_eval": final})
