@@ -14,6 +14,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from .attention import SDPAttention
+
 # Offsets that keep the per-layer seeds apart from the embedding's and TempNet's streams.
 LAYER_SEED_OFFSET = 1000
 _SEED = {"base": 1234}
@@ -38,12 +40,23 @@ class SeededTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
 
 
+def _with_core_attention(spec: ModuleSpec, core_attention) -> ModuleSpec:
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=core_attention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
+
+
 def layer_spec(arch: str, use_transformer_engine: bool) -> ModuleSpec:
-    """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm)."""
+    """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm).
+
+    Transformer Engine's spec as megatron-core defines it; the local spec with torch's fused
+    scaled_dot_product_attention in place of megatron-core's unfused DotProductAttention.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if arch == "llama" else "LayerNorm")
+        spec = _with_core_attention(spec, SDPAttention)
     return dataclasses.replace(spec, module=SeededTransformerLayer)

@@ -48,7 +48,8 @@ def loss_func(loss_mask: torch.Tensor, rho: float, vocab_size: int, output: LMOu
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator)
     lm = unwrap(model)
-    output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
+    with platform.native_torch():
+        output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
     return output, partial(loss_func, batch.loss_mask, lm.rho, lm.true_vocab_size)
 
 
