@@ -282,6 +282,25 @@ def _rng_sharded_object(data: Any, layout: dict):
                           ps.get_data_parallel_rank()), replica_id=0)
 
 
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet a (zero) Adam state before loading into it.
+
+    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads the common 'step' from the
+    per-parameter state, which a fresh optimizer does not have yet (it asserts); the loaded checkpoint
+    overwrites these placeholders."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer) or len(inner.optimizer.state) > 0:
+            continue
+        for group in inner.optimizer.param_groups:
+            for p in group["params"]:
+                st = inner.optimizer.state[p]
+                st["exp_avg"] = torch.zeros_like(p.data)
+                st["exp_avg_sq"] = torch.zeros_like(p.data)
+                st["step"] = torch.tensor(0.0)
+
+
 def _state_dict(model: List[torch.nn.Module], optimizer, scheduler, *, is_loading: bool, with_rng: bool,
                 layout: dict) -> dict:
     metadata = _sd_metadata()
@@ -289,6 +308,8 @@ def _state_dict(model: List[torch.nn.Module], optimizer, scheduler, *, is_loadin
     for i, chunk in enumerate(model):
         sd[_model_key(i, len(model))] = model_sharded_state_dict(chunk, metadata)
     if optimizer is not None:
+        if is_loading:
+            _init_distributed_optimizer_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
@@ -367,6 +388,8 @@ def _safe_strategies():
     class SafeTorchDistLoadStrategy(mcore_torch.TorchDistLoadShardedStrategy):
         """megatron-core's torch_dist loading, with the safe reader and planner above."""
 
+        reader = SafeFileSystemReader
+
         def load(self, sharded_state_dict, checkpoint_dir):
             tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
             flexible = [t for t in tensors if not t.allow_shape_mismatch]
@@ -408,6 +431,25 @@ def checkpoint_tensor_shapes(ckpt_dir: str | os.PathLike) -> Dict[str, tuple]:
     """Global shape of every tensor stored in a checkpoint, read safely from its DCP metadata."""
     sharded, _ = _safe_strategies()
     return {k: tuple(v.global_shape) for k, v in sharded.load_tensors_metadata(str(ckpt_dir)).items()}
+
+
+def read_checkpoint_tensors(ckpt_dir: str | os.PathLike, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Every stored tensor whose key starts with `prefix`, as one full (unsharded) CPU tensor each, read
+    in this process without torch.distributed (for inspection and tests; loading into a model goes
+    through `load_checkpoint` / `load_model_weights`). Keys are megatron-core's global keys, e.g.
+    "decoder.layers.self_attention.linear_qkv.weight" (layers stacked on dim 0) or
+    "optimizer.state.exp_avg.tempnet.w1"."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    read_info(ckpt_dir)
+    sharded, _ = _safe_strategies()
+    reader = sharded.reader(str(ckpt_dir))
+    metadata = reader.read_metadata()
+    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
+           if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
 
 
 def _dist_load(sharded_state_dict: dict, ckpt_dir: Path) -> dict:
@@ -618,6 +660,32 @@ def _param_groups_of(sd: dict) -> Optional[list]:
     return inner.get("param_groups") if isinstance(inner, dict) else None
 
 
+def _load_inner_optimizer(inner, sd: dict) -> None:
+    """inner.load_state_dict(sd); for the distributed optimizer with torch's Adam (no apex/TE), load the
+    parameter state with Adam's per-parameter 'step' set aside: megatron-core 0.16 copies every state
+    entry from the checkpoint's parameter state, which does not carry 'step' (KeyError otherwise).
+    The step itself is restored from the parameter groups by load_state_dict.""" 
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not isinstance(inner, DistributedOptimizer) or "param_state" not in sd:
+        inner.load_state_dict(sd)
+        return
+    sd = dict(sd)
+    param_state, sharding = sd.pop("param_state"), sd.pop("param_state_sharding_type")
+    inner.load_state_dict(sd)
+    steps = {p: st.pop("step") for p, st in inner.optimizer.state.items() if "step" in st}
+    try:
+        loader = {"fully_reshardable": inner.load_parameter_state_from_fully_reshardable,
+                  "fully_sharded_model_space": inner.load_parameter_state_from_fs_model_space,
+                  "dp_reshardable": inner.load_parameter_state_from_dp_reshardable}[sharding]
+        loader(param_state)
+    finally:
+        # One tensor per parameter: megatron-core hands every parameter the same step tensor, and torch's
+        # Adam increments each parameter's step in place (it would advance once per parameter).
+        for p, step in steps.items():
+            inner.optimizer.state[p]["step"] = step.clone()
+
+
 def load_optimizer_state(optimizer, state_dict) -> None:
     """optimizer.load_state_dict(state_dict), with parameter groups matched by position.
 
@@ -642,11 +710,42 @@ def load_optimizer_state(optimizer, state_dict) -> None:
             tagged.append((inner, originals))
             for i, (g, sg) in enumerate(zip(live, saved)):
                 g["is_decoupled_lr"] = sg["is_decoupled_lr"] = f"group{i}"
-        optimizer.load_state_dict(state_dict)
+        for inner, sd in zip(inners, sds):
+            _load_inner_optimizer(inner, sd)
     finally:
         for inner, originals in tagged:
             for g, value in zip(inner.optimizer.param_groups, originals):
                 g["is_decoupled_lr"] = value
+
+
+def _switch_optimizer_format(sd: dict, *, to_distributed: bool) -> dict:
+    """Re-nest the non-tensor part of a loaded optimizer state saved by the other optimizer kind.
+
+    The tensors are interchangeable: the distributed optimizer's reshardable format stores the same
+    global tensors (optimizer.state.exp_avg.KEY, ...) as the plain optimizer. Only the small common part
+    differs: the plain optimizer keeps {"state": {..., "common_step"}, "param_groups"}, the distributed
+    one {"optimizer": {"param_groups" (with "step")}, "param_state", "param_state_sharding_type"}."""
+    if to_distributed:  # plain checkpoint -> distributed optimizer
+        step = sd["state"].get("common_step") if isinstance(sd.get("state"), dict) else None
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd.get("param_groups", [])]
+        for g in groups:
+            g["step"] = float(step) if step is not None else 0.0
+        return {"optimizer": {"param_groups": groups}, "param_state": sd["param_state"],
+                "param_state_sharding_type": sd["param_state_sharding_type"]}
+    inner = sd.get("optimizer", {})
+    saved_groups = inner.get("param_groups", [])
+    live_groups = sd.get("param_groups", [])
+    if len(saved_groups) != len(live_groups):
+        raise CheckpointError("the checkpoint's optimizer parameter groups do not match this run's; resume with "
+                              "the settings it was saved with, or use --pretrained-checkpoint")
+    steps = {g.get("step") for g in saved_groups}
+    groups = [{**{k: v for k, v in sg.items() if k != "step"}, "params": lg["params"]}
+              for sg, lg in zip(saved_groups, live_groups)]
+    state = dict(sd.get("state", {}))
+    step = next(iter(steps)) if steps else None
+    if step:
+        state["common_step"] = torch.tensor(float(step))
+    return {"state": state, "param_groups": groups}
 
 
 def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler,
@@ -681,7 +780,10 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
     loaded = _dist_load(sd, ckpt)
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))], strict=True)
-    load_optimizer_state(optimizer, loaded["optimizer"])
+    opt_sd = loaded["optimizer"]
+    if bool(saved["parallel"]["use_distributed_optimizer"]) != bool(cfg.parallel.use_distributed_optimizer):
+        opt_sd = _switch_optimizer_format(opt_sd, to_distributed=bool(cfg.parallel.use_distributed_optimizer))
+    load_optimizer_state(optimizer, opt_sd)
     if scheduler is not None and scheduler_template is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
