@@ -94,6 +94,7 @@ class TempNetConfig:
     """TempNet head (DESIGN.md): tau = tau_min + (tau_max - tau_min) * sigmoid(...), per token."""
 
     enabled: bool = False
+    kind: str = "network"  # "network": TempNet; "global": one learned temperature for all tokens (ablation)
     hidden_size: int = 256  # d: TempNet's first layer maps the vocabulary to d
     tau_min: float = 0.5  # GPT-2 reference bounds [0.5, 5.0]; LLaMA [0.01, 2.0]
     tau_max: float = 5.0
@@ -106,6 +107,7 @@ class TempNetConfig:
 @dataclass
 class LossConfig:
     dro_rho: Optional[float] = None  # None: log V, which with tau = 1 is plain cross-entropy
+    objective: str = "dro"  # "dro": tau CE(z/tau) + tau (rho - log V); "tau_ce": CE(z/tau) (ablation)
     loss_impl: str = "auto"  # "fused" (never materialises logits), "reference", or "auto" (whichever wins here)
 
 
@@ -288,6 +290,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     _choice(t.lr_decay_style, ("cosine", "linear", "constant"), "--lr-decay-style")
     _choice(tn.input_variant, ("normalized", "max_shifted"), "--tempnet-input-variant")
     _choice(cfg.loss.loss_impl, ("auto", "reference", "fused"), "--loss-impl")
+    _choice(cfg.loss.objective, ("dro", "tau_ce"), "--objective")
+    _choice(tn.kind, ("network", "global"), "--tempnet-kind")
 
     if tp < 1 or pp < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

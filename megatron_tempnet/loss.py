@@ -67,12 +67,6 @@ def dro_loss(
     return tau * ce + tau * (rho - math.log(vocab_size))
 
 
-def tau_scaled_cross_entropy(loss: torch.Tensor, tau: Optional[torch.Tensor], rho: float, vocab_size: int) -> torch.Tensor:
-    """CE(z / tau) recovered from the DRO loss, for logging: L / tau - (rho - log V)."""
-    t = 1.0 if tau is None else tau.float()
-    return loss.detach() / t - (rho - math.log(vocab_size))
-
-
 def linear_dro_loss(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,

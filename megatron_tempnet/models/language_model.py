@@ -3,11 +3,16 @@
 The transformer is megatron-core's, unchanged; only the post-processing differs. On the last pipeline
 stage the final hidden states go through the output layer (vocabulary-parallel logits), TempNet predicts
 a temperature per token from those logits, and the DRO loss (loss.py) turns both into a per-token loss.
-Without TempNet, tau = 1 and the same loss is cross-entropy.
+Without TempNet, tau = 1 and the same loss is cross-entropy. With --loss-impl fused the logits are never
+formed: TempNet reads the hidden states and the output weight, and the fused kernel computes the loss.
+
+Ablation switches: `--tempnet-kind global` learns one temperature for all tokens instead of TempNet;
+`--objective tau_ce` trains with CE(z / tau) instead of the DRO loss.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -21,7 +26,7 @@ from ..config import Config, padded_vocab_size
 from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
 from . import gpt, llama
 from .specs import layer_spec, set_init_seed
-from .tempnet import TempNet
+from .tempnet import GlobalTemperature, TempNet
 
 ARCHS = {"gpt": gpt, "llama": llama}
 
@@ -30,11 +35,13 @@ ARCHS = {"gpt": gpt, "llama": llama}
 class LMOutput:
     """What the last pipeline stage returns when labels are given.
 
-    loss: [b, s] per-token DRO loss (fp32); tau: [b, s] temperatures, or None without TempNet;
-    ce_at_tau1: [b, s] plain cross-entropy, computed in evaluation when TempNet is on (else None)."""
+    loss: [b, s] per-token training objective (fp32); tau: [b, s] temperatures, or None without TempNet;
+    ce_tau: [b, s] cross-entropy of z / tau (detached); ce_at_tau1: [b, s] plain cross-entropy, computed in
+    evaluation when there is a temperature (else None)."""
 
     loss: torch.Tensor
     tau: Optional[torch.Tensor]
+    ce_tau: torch.Tensor
     ce_at_tau1: Optional[torch.Tensor] = None
 
 
@@ -61,9 +68,13 @@ class TempNetGPTModel(GPTModel):
         self.rho = cfg.loss.dro_rho if cfg.loss.dro_rho is not None else default_rho(m.vocab_size)
         self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, padded_vocab_size(m),
                                            cfg.parallel.tensor_model_parallel_size, platform.use_cuda())
+        self.objective = cfg.loss.objective
         self.tempnet = None
         if post_process and cfg.tempnet.enabled:
-            self.tempnet = TempNet(cfg.tempnet, m.vocab_size, padded_vocab_size(m), cfg.train.seed)
+            if cfg.tempnet.kind == "global":
+                self.tempnet = GlobalTemperature(cfg.tempnet)
+            else:
+                self.tempnet = TempNet(cfg.tempnet, m.vocab_size, padded_vocab_size(m), cfg.train.seed)
 
     def _output_weight(self) -> Optional[torch.Tensor]:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
@@ -74,8 +85,9 @@ class TempNetGPTModel(GPTModel):
         tau = self.tempnet(logits) if self.tempnet is not None else None
         return logits, tau
 
-    def _fused_loss(self, hidden_states: torch.Tensor, targets: torch.Tensor) -> LMOutput:
-        """The loss without logits: logits-free TempNet input and the fused DRO kernel."""
+    def _fused_loss_fn(self, hidden_states: torch.Tensor):
+        """(loss function of (targets, tau, rho), tau) without logits: logits-free TempNet input and the
+        fused DRO kernel."""
         weight = self._output_weight()
         weight = self.output_layer.weight if weight is None else weight
         sp = self.config.sequence_parallel
@@ -84,35 +96,40 @@ class TempNetGPTModel(GPTModel):
             full = (tensor_parallel.gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
                     if sp else hidden_states)
             logit_max = None
-            if self.tempnet.input_variant == "max_shifted":
+            if getattr(self.tempnet, "input_variant", None) == "max_shifted":
                 logit_max = vocab_parallel_logit_max(
                     full, weight, self.true_vocab_size, vocab_start_index=self.tempnet.vocab_start,
                     tp_group=parallel_state.get_tensor_model_parallel_group())
             tau = self.tempnet.forward_from_hidden(full, weight, logit_max)
-        loss = linear_dro_loss(hidden_states, weight, targets, tau, self.rho, self.true_vocab_size, sp)
-        ce = None
-        if tau is not None and not self.training:
-            ce = linear_dro_loss(hidden_states, weight, targets, None, default_rho(self.true_vocab_size),
-                                 self.true_vocab_size, sp)
-        t = lambda x: x.transpose(0, 1) if x is not None else None  # noqa: E731  [s, b] -> [b, s]
-        return LMOutput(loss=t(loss), tau=t(tau), ce_at_tau1=t(ce))
+        return partial(linear_dro_loss, hidden_states, weight, vocab_size=self.true_vocab_size, sequence_parallel=sp), tau
 
     def _postprocess(self, hidden_states, labels=None, **_unused):
         if not self.post_process:
             return hidden_states
-        if labels is not None and self.loss_impl == "fused":
-            return self._fused_loss(hidden_states, labels.transpose(0, 1).contiguous())
-        logits, tau = self.logits_and_tau(hidden_states)
         if labels is None:  # generation: [b, s, V/TP] logits and [b, s] tau
+            logits, tau = self.logits_and_tau(hidden_states)
             return logits.transpose(0, 1), (tau.transpose(0, 1) if tau is not None else None)
         targets = labels.transpose(0, 1).contiguous()
-        loss = dro_loss(logits, targets, tau, self.rho, self.true_vocab_size)
+        if self.loss_impl == "fused":
+            loss_fn, tau = self._fused_loss_fn(hidden_states)
+        else:
+            logits, tau = self.logits_and_tau(hidden_states)
+            loss_fn = partial(dro_loss, logits, vocab_size=self.true_vocab_size)
+        log_v = default_rho(self.true_vocab_size)
         if tau is None:
-            return LMOutput(loss=loss.transpose(0, 1), tau=None)
+            loss = loss_fn(targets, None, rho=self.rho)
+            ce_tau = loss.detach() - (self.rho - log_v)
+        elif self.objective == "tau_ce":  # CE(z / tau): the temperature without the DRO term
+            loss = loss_fn(targets, tau, rho=log_v) / tau
+            ce_tau = loss.detach()
+        else:  # DRO: tau * CE(z / tau) + tau * (rho - log V)
+            loss = loss_fn(targets, tau, rho=self.rho)
+            ce_tau = loss.detach() / tau.detach() - (self.rho - log_v)
         ce = None
-        if not self.training:  # evaluation reports perplexity both at tau = 1 and with TempNet's tau
-            ce = dro_loss(logits, targets, None, default_rho(self.true_vocab_size), self.true_vocab_size).transpose(0, 1)
-        return LMOutput(loss=loss.transpose(0, 1), tau=tau.transpose(0, 1), ce_at_tau1=ce)
+        if tau is not None and not self.training:  # evaluation reports perplexity at tau = 1 too
+            ce = loss_fn(targets, None, rho=log_v)
+        t = lambda x: x.transpose(0, 1) if x is not None else None  # noqa: E731  [s, b] -> [b, s]
+        return LMOutput(loss=t(loss), tau=t(tau), ce_tau=t(ce_tau), ce_at_tau1=t(ce))
 
 
 def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtype: torch.dtype,

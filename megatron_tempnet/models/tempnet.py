@@ -128,3 +128,27 @@ def vocab_parallel_max(z_shard: torch.Tensor) -> torch.Tensor:
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
     return m
+
+
+class GlobalTemperature(torch.nn.Module):
+    """One learned temperature for every token (the ablation without TempNet):
+    tau = tau_min + (tau_max - tau_min) * sigmoid(theta), theta starting at 0 (mid-range, like TempNet at
+    its initialisation). Same interface as TempNet."""
+
+    input_variant = "normalized"  # needs no logit max
+
+    def __init__(self, cfg: TempNetConfig):
+        super().__init__()
+        self.tau_min, self.tau_max = cfg.tau_min, cfg.tau_max
+        self.theta = torch.nn.Parameter(torch.zeros(()))
+        self.theta.is_tempnet_parameter = True
+
+    def _tau(self, shape, device) -> torch.Tensor:
+        tau = self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(self.theta)
+        return tau.to(device).expand(shape)
+
+    def forward(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        return self._tau(logits_shard.shape[:-1], logits_shard.device)
+
+    def forward_from_hidden(self, hidden, output_weight, logit_max=None) -> torch.Tensor:
+        return self._tau(hidden.shape[:-1], hidden.device)

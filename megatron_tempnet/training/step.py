@@ -18,7 +18,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import platform
 from ..config import Config
-from ..loss import tau_scaled_cross_entropy
 from ..models.language_model import LMOutput
 from .batches import Batch
 from .model_setup import unwrap
@@ -27,12 +26,12 @@ from .model_setup import unwrap
 STATS = ("loss_sum", "tokens", "ce_tau_sum", "tau_sum", "tau_sq_sum", "ce1_sum")
 
 
-def loss_func(loss_mask: torch.Tensor, rho: float, vocab_size: int, output: LMOutput):
+def loss_func(loss_mask: torch.Tensor, output: LMOutput):
     """(loss sum, token count, report) for one micro-batch on the last stage."""
     mask = loss_mask.float()
     loss_sum = (output.loss * mask).sum()
     tokens = mask.sum()
-    ce_tau = tau_scaled_cross_entropy(output.loss, output.tau, rho, vocab_size)
+    ce_tau = output.ce_tau
     tau = output.tau.detach().float() if output.tau is not None else torch.ones_like(mask)
     ce1 = output.ce_at_tau1 if output.ce_at_tau1 is not None else ce_tau
     stats = torch.stack([
@@ -47,10 +46,9 @@ def loss_func(loss_mask: torch.Tensor, rho: float, vocab_size: int, output: LMOu
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator)
-    lm = unwrap(model)
     with platform.native_torch():
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
-    return output, partial(loss_func, batch.loss_mask, lm.rho, lm.true_vocab_size)
+    return output, partial(loss_func, batch.loss_mask)
 
 
 def _num_microbatches(cfg: Config) -> int:
