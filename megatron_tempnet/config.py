@@ -183,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config.",
     )
     parser.add_argument("--config", help="YAML file with sections: " + ", ".join(_SECTIONS))
-    parser.add_argument("--dry-run", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--dry-run", action="store_true", help="check the job's inputs (config, data, tokenizer, checkpoint, disk) and exit")
     for section in _SECTIONS:
         group = parser.add_argument_group(section)
         for name, tp in _section_types(section).items():

@@ -1,6 +1,6 @@
 """Entry point: `torchrun --nproc_per_node N -m megatron_tempnet.train --config CONFIG.yaml [flags]`.
 
-Also installed as the console script `tempnet-train`. `--dry-run` validates the configuration and exits.
+Also installed as the console script `tempnet-train`. `--dry-run` checks the configuration, data, tokenizer, checkpoint and disk (tools/check_job.py) and exits.
 """
 from __future__ import annotations
 
@@ -29,10 +29,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if env.rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    if args.dry_run:  # the checks of tools/check_job.py, at the launcher's world size
+        from .training.preflight import format_results, run_checks
+
+        results = run_checks(cfg, env.world_size)
         if env.rank == 0:
-            print("configuration is valid")
-        return 0
+            print(format_results(results))
+        return 0 if all(r.ok for r in results) else 2
     try:
         train(cfg)
     finally:

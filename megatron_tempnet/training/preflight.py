@@ -1,0 +1,162 @@
+"""Check a job's inputs before it is queued: nothing is trained, no process group is started.
+
+    python tools/check_job.py --world-size 16 --config run.yaml --data-path ... --save ckpt/
+    python -m megatron_tempnet.train --dry-run ...          # the same checks, world size from the launcher
+
+Each check reports OK or the problem with its fix:
+  config       parallel sizes against the world size and the model shape, FP8 / TE, modes (config.validate)
+  data         every --data-path prefix (or manifest) has its .idx and a .bin of the size the .idx implies
+  tokenizer    the tokenizer loads, its vocabulary equals the model's, and the data was made with it
+  checkpoint   --load / --pretrained-checkpoint: complete, same model shape, and splits at this TP/PP
+  disk         the --save folder is writable and has room for the checkpoints about to be written
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from .. import platform
+from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size, validate
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    message: str
+
+
+def parameter_count(cfg: Config) -> int:
+    """Parameters of the whole model (all ranks together), from its configuration."""
+    m = cfg.model
+    h, L = m.hidden_size, m.num_layers
+    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
+    ffn = ffn_hidden_size(m)
+    if m.arch == "llama":
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h
+        outside = 2 * padded_vocab_size(m) * h + h
+    else:
+        per_layer = 2 * h * h + 2 * h * kv + 2 * h * ffn + (2 * h + 2 * kv + ffn + h) + 4 * h
+        outside = padded_vocab_size(m) * h + (m.max_position_embeddings or m.seq_length) * h + 2 * h
+    tempnet = 0
+    if cfg.tempnet.enabled:
+        d = cfg.tempnet.hidden_size
+        tempnet = d * padded_vocab_size(m) + d * d + 3 * d + 2
+    return L * per_layer + outside + tempnet
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """Bytes of one checkpoint: weights in their dtype plus fp32 master weights (16-bit training) and
+    Adam's two fp32 moments."""
+    n = parameter_count(cfg)
+    weight_bytes = 4 if cfg.train.precision in ("fp32",) or (cfg.train.precision == "auto" and not platform.use_cuda()) else 2
+    master = 0 if weight_bytes == 4 else 4
+    return n * (weight_bytes + master + 8)
+
+
+def _check(name: str, fn: Callable[[], str]) -> CheckResult:
+    try:
+        return CheckResult(name, True, fn() or "ok")
+    except (ConfigError, ValueError, OSError) as err:
+        return CheckResult(name, False, str(err))
+
+
+def _check_data(cfg: Config) -> str:
+    from ..data.datasets import parse_data_path
+    from ..data.indexed import check_dataset_prefix, expand_data_prefixes
+
+    if cfg.data.mock_data:
+        return "mock data"
+    if not cfg.data.data_path:
+        raise ConfigError("no --data-path: pass preprocessed data (tools/preprocess_data.py) or --mock-data")
+    prefixes, _ = parse_data_path(cfg.data.data_path)
+    shards = expand_data_prefixes(prefixes)
+    for prefix in shards:
+        check_dataset_prefix(prefix)
+    return f"{len(shards)} dataset shard(s) complete"
+
+
+def _check_tokenizer(cfg: Config) -> str:
+    from ..data.datasets import parse_data_path
+    from ..data.indexed import check_tokenizer_matches
+    from ..data.tokenizer import load_tokenizer
+    from .loop import resolve_vocab_size
+
+    if cfg.data.mock_data:
+        return f"mock data, vocabulary {cfg.model.vocab_size}"
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("no --tokenizer-model: pass the tokenizer the data was preprocessed with")
+    resolve_vocab_size(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    for prefix in parse_data_path(cfg.data.data_path)[0]:
+        check_tokenizer_matches(prefix, cfg.model.vocab_size, tokenizer=tokenizer)
+    return f"vocabulary {tokenizer.vocab_size} matches the model and the data"
+
+
+def _check_checkpoint(cfg: Config) -> str:
+    from .checkpointing import check_layout_fits, check_model_matches, read_info, resolve_checkpoint
+
+    ck, p = cfg.checkpoint, cfg.parallel
+    found = []
+    for path, what, allow_empty in ((ck.load, "--load", True), (ck.pretrained_checkpoint, "--pretrained-checkpoint", False)):
+        if not path:
+            continue
+        folder = resolve_checkpoint(path, allow_empty=allow_empty)
+        if folder is None:
+            found.append(f"{what} {path}: empty, the run starts from scratch")
+            continue
+        info = read_info(folder)
+        check_model_matches(info["config"], cfg, str(folder), tempnet_optional=what == "--pretrained-checkpoint")
+        check_layout_fits(info["config"]["model"], p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                          p.virtual_pipeline_model_parallel_size)
+        found.append(f"{what} {folder.name} fits")
+    return "; ".join(found) or "no checkpoint to load"
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_disk(cfg: Config) -> str:
+    ck = cfg.checkpoint
+    if not ck.save:
+        return "no --save"
+    save = Path(ck.save)
+    if save.exists() and not save.is_dir():
+        raise OSError(f"--save {save} is a file; pass a folder (it is created if missing)")
+    parent = _existing_parent(save.resolve())
+    if not os.access(parent, os.W_OK):
+        raise OSError(f"--save {save}: {parent} is not writable; choose a folder you can write to")
+    need = checkpoint_bytes(cfg) * (max(ck.keep_last, 1) + 1)  # kept ones + the one being written
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise OSError(
+            f"--save {save}: {free / 2**30:.1f} GiB free on {parent}, but {ck.keep_last or 'all'} kept checkpoint(s) "
+            f"plus the one being written need about {need / 2**30:.1f} GiB; free space, lower --keep-last, or save elsewhere")
+    return f"{free / 2**30:.1f} GiB free, about {need / 2**30:.2f} GiB needed"
+
+
+def run_checks(cfg: Config, world_size: int, *, cuda_available: Optional[bool] = None,
+               te_available: Optional[bool] = None) -> List[CheckResult]:
+    """Every check, in order; later ones still run when an earlier one fails."""
+    cuda = platform.use_cuda() if cuda_available is None else cuda_available
+    te = platform.transformer_engine_available() if te_available is None else te_available
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    tokenizer = _check("tokenizer", lambda: _check_tokenizer(cfg))  # first: it fills in the vocabulary size
+    config = _check("config", lambda: validate(cfg, world_size, cuda_available=cuda, te_available=te)
+                    or f"world size {world_size} = TP {tp} x PP {pp} x DP {world_size // (tp * pp)}")
+    results = [config, tokenizer, _check("data", lambda: _check_data(cfg))]
+    if cfg.model.vocab_size is not None:
+        results.append(_check("checkpoint", lambda: _check_checkpoint(cfg)))
+        results.append(_check("disk", lambda: _check_disk(cfg)))
+    return results
+
+
+def format_results(results: List[CheckResult]) -> str:
+    width = max(len(r.name) for r in results)
+    return "\n".join(f"{'OK  ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.message}" for r in results)

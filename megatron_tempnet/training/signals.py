@@ -1,0 +1,67 @@
+"""When to stop a run early, decided identically on every rank.
+
+- SIGTERM (sent by SLURM at preemption or `scancel`, and by torchrun when another rank died) and SIGUSR1
+  (SLURM's warning before the time limit, `#SBATCH --signal=USR1@90`): finish the step, save, exit with
+  REQUEUE_EXIT_CODE so the batch script requeues the job;
+- --exit-duration-in-mins: the same, once the run has been going that long (a job's time limit);
+- --exit-interval: save and exit normally at a multiple of that iteration.
+
+A signal reaches each rank at a slightly different moment, so the flags are combined with one small
+all-reduce (MAX) after every step: all ranks stop after the same step, and their checkpoint is consistent.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopConditions:
+    def __init__(self, exit_duration_in_mins: Optional[float] = None, exit_interval: Optional[int] = None):
+        self.exit_duration_s = None if exit_duration_in_mins is None else 60.0 * exit_duration_in_mins
+        self.exit_interval = exit_interval
+        self.started = time.monotonic()
+        self.received: Optional[int] = None
+        self._previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                pass
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.received = signum
+
+    def check(self, iteration: int) -> Optional[str]:
+        """After a step: None to go on, else why to stop ("signal SIGUSR1", "exit duration", "exit interval")."""
+        flags = torch.tensor([
+            float(self.received or 0),
+            float(self.exit_duration_s is not None and time.monotonic() - self.started >= self.exit_duration_s),
+        ])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            flags = flags.to(device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.cpu()
+        if flags[0] > 0:
+            return f"signal {signal.Signals(int(flags[0])).name}"
+        if flags[1] > 0:
+            return "exit duration"
+        if self.exit_interval and iteration % self.exit_interval == 0:
+            return "exit interval"
+        return None
+
+    @staticmethod
+    def exit_code(reason: Optional[str]) -> int:
+        """REQUEUE_EXIT_CODE when the run should continue in a requeued job, else 0."""
+        return REQUEUE_EXIT_CODE if reason and reason != "exit interval" else 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
