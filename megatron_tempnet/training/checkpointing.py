@@ -718,6 +718,37 @@ def load_optimizer_state(optimizer, state_dict) -> None:
                 g["is_decoupled_lr"] = value
 
 
+def _main_params_from_model_weights(sd: dict, ckpt: Path) -> None:
+    """The distributed optimizer also loads its main (fp32) parameters, "optimizer.state.param.KEY"; a
+    plain-optimizer checkpoint of an fp32 model has none: they are the model weights "KEY". The template's
+    entries for them are replaced by this rank's model parameters (loaded in the same call)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    stored = checkpoint_tensor_shapes(ckpt)
+    def ident(t, key):  # one layer's tensor: layers share keys and differ in offsets (or factory closures)
+        return (key, tuple(t.global_offset)) if hasattr(t, "global_offset") else (key, id(t.build_fn))
+
+    model_data = {}
+    for key, value in sd.items():
+        if key.startswith("model"):
+            for t in nested_values(value):
+                if isinstance(t, ShardedBase) and hasattr(t, "data"):
+                    model_data[ident(t, t.key)] = t.data
+    prefix = "optimizer.state.param."
+
+    def visit(node):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in list(items):
+            key = getattr(v, "key", None)
+            if isinstance(v, ShardedBase) and key and key.startswith(prefix) and key not in stored:
+                node[k] = LocalNonpersistentObject(model_data[ident(v, key[len(prefix):])])
+            elif isinstance(v, (dict, list)):
+                visit(v)
+
+    visit(sd["optimizer"])
+
+
 def _switch_optimizer_format(sd: dict, *, to_distributed: bool) -> dict:
     """Re-nest the non-tensor part of a loaded optimizer state saved by the other optimizer kind.
 
@@ -731,7 +762,7 @@ def _switch_optimizer_format(sd: dict, *, to_distributed: bool) -> dict:
         for g in groups:
             g["step"] = float(step) if step is not None else 0.0
         return {"optimizer": {"param_groups": groups}, "param_state": sd["param_state"],
-                "param_state_sharding_type": sd["param_state_sharding_type"]}
+                "param_state_sharding_type": sd.get("param_state_sharding_type", DISTRIB_OPTIM_SHARDING)}
     inner = sd.get("optimizer", {})
     saved_groups = inner.get("param_groups", [])
     live_groups = sd.get("param_groups", [])
@@ -777,6 +808,8 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
     same_layout = all(info["layout"].get(k) == layout[k] for k in ("tp", "pp", "dp"))
     sd = _state_dict(model, optimizer, scheduler, is_loading=True, with_rng=same_layout, layout=layout)
     scheduler_template = sd.pop("scheduler", None)
+    if cfg.parallel.use_distributed_optimizer and not saved["parallel"]["use_distributed_optimizer"]:
+        _main_params_from_model_weights(sd, ckpt)
     loaded = _dist_load(sd, ckpt)
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))], strict=True)
