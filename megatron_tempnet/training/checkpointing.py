@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ffn_hidden_size, padded_vocab_size
+from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 INFO_FILE = "tempnet_checkpoint.json"
@@ -75,7 +75,7 @@ TEST_HOOK_ENV = "MEGATRON_TEMPNET_TEST_SAVE_HOOK"
 DISTRIB_OPTIM_SHARDING = "fully_reshardable"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be saved or loaded. The message names the problem and the fix."""
 
 
@@ -485,7 +485,9 @@ def _shape_fields(cfg_model: dict, tempnet: dict) -> dict:
         "padded vocabulary": padded_vocab_size(m) if m.vocab_size else None,
         "position embeddings": (m.max_position_embeddings or m.seq_length) if m.arch == "gpt" else None,
         "tempnet": bool(tempnet.get("enabled")),
-        "tempnet_hidden_size": tempnet.get("hidden_size") if tempnet.get("enabled") else None,
+        "tempnet_kind": tempnet.get("kind", "network") if tempnet.get("enabled") else None,
+        "tempnet_hidden_size": tempnet.get("hidden_size") if tempnet.get("enabled") and
+        tempnet.get("kind", "network") == "network" else None,
     }
 
 
@@ -493,7 +495,7 @@ _FLAG = {"arch": "--arch", "num_layers": "--num-layers", "hidden_size": "--hidde
          "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
          "ffn_hidden_size": "--ffn-hidden-size", "padded vocabulary": "--vocab-size / --make-vocab-size-divisible-by",
          "position embeddings": "--max-position-embeddings / --seq-length", "tempnet": "--tempnet-enabled",
-         "tempnet_hidden_size": "--tempnet-hidden-size"}
+         "tempnet_kind": "--tempnet-kind", "tempnet_hidden_size": "--tempnet-hidden-size"}
 
 
 def check_layout_fits(saved_model: dict, tp: int, pp: int, vpp: Optional[int] = None) -> None:
@@ -522,7 +524,7 @@ def check_model_matches(saved_cfg: dict, cfg: Config, where: str, *, tempnet_opt
     """Refuse a checkpoint whose model shape differs from this run's, naming each difference."""
     saved = _shape_fields(saved_cfg["model"], saved_cfg.get("tempnet", {}))
     here = _shape_fields(vars(cfg.model), vars(cfg.tempnet))
-    keys = [k for k in saved if k not in (("tempnet", "tempnet_hidden_size") if tempnet_optional else ())]
+    keys = [k for k in saved if k not in (("tempnet", "tempnet_kind", "tempnet_hidden_size") if tempnet_optional else ())]
     diffs = [k for k in keys if saved[k] != here[k]]
     if diffs:
         lines = "; ".join(f"{_FLAG[k]}: checkpoint {saved[k]}, this run {here[k]}" for k in diffs)
