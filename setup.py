@@ -1,19 +1,12 @@
 """megatron-tempnet: Megatron-style pretraining with learned per-token temperatures (TempNet + DRO)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="megatron-tempnet",
     version="0.1.0",
     description="Tensor/pipeline-parallel GPT and LLaMA pretraining on megatron-core with a TempNet head and a DRO loss",
     python_requires=">=3.10",
-    packages=[
-        "megatron_tempnet",
-        "megatron_tempnet.models",
-        "megatron_tempnet.data",
-        "megatron_tempnet.training",
-        "megatron_tempnet.inference",
-        "tempnet_kernels",
-    ],
+    packages=find_packages(include=["megatron_tempnet", "megatron_tempnet.*"]) + ["tempnet_kernels"],
     package_dir={"tempnet_kernels": "kernels"},
     install_requires=[
         # torch is not pinned to an exact build: on CPU machines install torch==2.13.0 (CPU wheel) first.
