@@ -55,7 +55,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     distributed_backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl", "gloo"
-    distributed_timeout_minutes: int = 10
+    distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails, naming the operation
 
 
 @dataclass
@@ -87,6 +87,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     eval_interval: int = 50
     eval_iters: int = 5
+    eval_at_start: bool = False  # evaluate the untrained model first (a baseline for the curve)
+    max_nonfinite_steps: int = 5  # abort after this many skipped (non-finite) steps in a row
+    exit_duration_in_mins: Optional[float] = None  # save and exit (status 124: requeue) after this long
+    exit_interval: Optional[int] = None  # save and exit (status 0) at a multiple of this iteration
 
 
 @dataclass

@@ -240,6 +240,10 @@ def init_distributed(
     return env
 
 
+def dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 

@@ -4,6 +4,7 @@ Also installed as the console script `tempnet-train`. `--dry-run` checks the con
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -17,7 +18,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
     from .data.indexed import DatasetError
     from .data.tokenizer import TokenizerError
-    from .training.loop import resolve_vocab_size, train
+    from .training.loop import RunState, TrainingError, resolve_vocab_size, train
+    from .training.signals import REQUEUE_MARKER, StopConditions
 
     cfg, args = load_config(argv)
     env = platform.discover_env()
@@ -36,11 +38,43 @@ def main(argv: Optional[list[str]] = None) -> int:
         if env.rank == 0:
             print(format_results(results))
         return 0 if all(r.ok for r in results) else 2
+    state = RunState()
     try:
-        train(cfg)
+        train(cfg, state)
+    except TrainingError as err:
+        print(f"error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as err:  # a collective that timed out or lost its peer: say where, then stop
+        if not _is_collective_failure(err):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: rank {env.rank} of {env.world_size}: a collective failed during {state.phase}: {first_line}. "
+              f"Another rank probably died or stalled (see its log); the run stops here. Resume with --load from "
+              f"the last published checkpoint{' in ' + cfg.checkpoint.save if cfg.checkpoint.save else ''}.",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # skip teardown: destroying process groups with a dead peer can hang
     finally:
-        platform.destroy_distributed()
-    return 0
+        if platform.dist_initialized():
+            platform.destroy_distributed()
+    code = StopConditions.exit_code(state.stop_reason)
+    if state.stop_reason and env.rank == 0:
+        print(f"stopped early ({state.stop_reason}) at iteration {state.iteration}; exit status {code}", flush=True)
+        if code and cfg.checkpoint.save:  # for launchers that hide the exit status (torchrun): see examples/slurm
+            with open(os.path.join(cfg.checkpoint.save, REQUEUE_MARKER), "w") as f:
+                f.write(f"{state.stop_reason} at iteration {state.iteration}\n")
+    return code
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    """torch.distributed errors: a timeout (gloo/NCCL) or a peer that went away."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        k in text for k in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                            "NCCL", "gloo", "Broken pipe"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from megatron.core.utils import get_model_config
 from .. import platform
 from ..config import Config, ConfigError
 from .batches import MockTokens, micro_batches
+from .signals import StopConditions
 from .model_setup import build_model_chunks
 from .optim import build_optimizer, build_scheduler
 from .step import evaluate, train_step
@@ -25,6 +26,13 @@ class RunState:
     iteration: int = 0
     consumed_samples: int = 0
     history: List[dict] = field(default_factory=list)  # per-step metrics (without tau values)
+    skipped_steps: int = 0  # steps whose update was refused (non-finite loss or gradient norm)
+    stop_reason: Optional[str] = None  # why the run stopped before train_iters (signal, exit limits)
+    phase: str = "setup"  # what the run was doing, for error messages
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row). The message says what to do."""
 
 
 def build_datasets(cfg: Config):
@@ -94,8 +102,8 @@ def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
     """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics."""
     from .checkpointing import load_checkpoint, load_model_weights, save_checkpoint, valid_consumed_samples
 
+    state = state if state is not None else RunState()
     model, optimizer, scheduler = setup_run(cfg)
-    state = state or RunState()
     ck = cfg.checkpoint
     loaded = load_checkpoint(cfg, model, optimizer, scheduler) if ck.load else None
     if loaded is not None:  # resume: the full training state, data position included
@@ -112,25 +120,51 @@ def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
 
     def save() -> None:
         nonlocal saved_at
+        state.phase = f"checkpoint save at iteration {state.iteration}"
         save_checkpoint(cfg, state.iteration, state.consumed_samples, model, optimizer, scheduler)
         saved_at = state.iteration
 
+    def run_eval() -> dict:
+        state.phase = f"evaluation at iteration {state.iteration}"
+        return evaluate(cfg, model, valid_iters, t.eval_iters)
+
+    stop = StopConditions(t.exit_duration_in_mins, t.exit_interval)
+    bad_in_a_row = 0
     try:
+        if t.eval_at_start and state.iteration == 0:
+            logger.evaluation(0, run_eval())
         while state.iteration < t.train_iters:
+            state.phase = f"training step {state.iteration + 1}"
             metrics = train_step(cfg, model, optimizer, scheduler, train_iters)
             state.iteration += 1
             state.consumed_samples += t.global_batch_size
             logger.train_step(state.iteration, metrics)
             state.history.append({k: v for k, v in metrics.items() if k != "tau_values"})
+            bad_in_a_row = 0 if metrics["update_successful"] else bad_in_a_row + 1
+            if bad_in_a_row:
+                state.skipped_steps += 1
+                if bad_in_a_row >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{bad_in_a_row} steps in a row (up to iteration {state.iteration}) had a non-finite loss or "
+                        f"gradient norm and were skipped; stopping. The weights were never updated with them, and the "
+                        f"last checkpoint ({saved_at if saved_at is not None else 'none'}) is clean: lower --lr, check "
+                        "the data, or raise --max-nonfinite-steps")
             if t.eval_interval and state.iteration % t.eval_interval == 0 and state.iteration < t.train_iters:
-                logger.evaluation(state.iteration, evaluate(cfg, model, valid_iters, t.eval_iters))
+                logger.evaluation(state.iteration, run_eval())
             if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
                 save()
+            state.stop_reason = stop.check(state.iteration) if state.iteration < t.train_iters else None
+            if state.stop_reason:
+                logger.message(f"stopping after iteration {state.iteration}: {state.stop_reason}")
+                break
         if ck.save and saved_at != state.iteration:
             save()
-        final = evaluate(cfg, model, valid_iters, t.eval_iters)
-        logger.evaluation(state.iteration, final)
-        state.history.append({"final_eval": final})
+        if state.stop_reason is None:  # a preempted run has no time to spare
+            final = run_eval()
+            logger.evaluation(state.iteration, final)
+            state.history.append({"final_eval": final})
+        state.phase = "done"
     finally:
+        stop.restore()
         logger.close()
     return state

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
+REQUEUE_MARKER = "requeue_requested"  # also written into --save, for launchers that hide exit statuses
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -92,6 +92,10 @@ class RunLogger:
                 self.writer.add_scalar(f"{split}/{key}", metrics[key], iteration)
             self.writer.flush()
 
+    def message(self, text: str) -> None:
+        if self.is_logger:
+            print(text, flush=True)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
