@@ -434,8 +434,8 @@ def _train_dataset(cfg):
 
 def train_arm(spec: dict) -> dict:
     """Train one (arm, seed) and evaluate it on the held-out windows. Needs RANK/WORLD_SIZE/MASTER_* set (a 1-rank
-    group is started here). spec: arm, seed, settings, data, cache_dir; optional keep_params (return the final
-    weights), log (print progress). Returns the result row (with per-step "losses" and the held-out "curve")."""
+    group is started here). spec: arm, seed, settings, data, cache_dir; optional overrides ({"section.field": value}
+    applied to the arm's Config), keep_params (return the final weights), log (print progress). Returns the result row (with per-step "losses" and the held-out "curve")."""
     import torch
 
     from megatron_tempnet.training.loop import data_iterators, setup_run
@@ -443,6 +443,9 @@ def train_arm(spec: dict) -> dict:
 
     s, data = spec["settings"], spec["data"]
     cfg = arm_config(spec["arm"], spec["seed"], s, data)
+    for key, value in (spec.get("overrides") or {}).items():  # "section.field": value (tests' variants)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     if spec.get("cache_dir"):
         cfg.data.data_cache_path = spec["cache_dir"]
     t0 = time.perf_counter()
@@ -702,7 +705,7 @@ def plot(rows: List[dict], path: str, title: str) -> None:
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["gpt", "llama"], default="gpt")
     p.add_argument("--scale", choices=list(SCALES), default="cpu-small")
@@ -747,7 +750,7 @@ def _git_commit() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.worker:
         return _worker_main(*args.worker)
     t_start = time.perf_counter()
