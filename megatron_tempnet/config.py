@@ -146,6 +146,17 @@ class LoggingConfig:
 
 
 @dataclass
+class AttentionTransferConfig:
+    """Attention transfer (Li et al. 2024): train a student from a frozen teacher's attention maps
+    (models/attention_transfer.py). The teacher is a checkpoint of ours with the same number of layers and
+    attention heads; it runs at this run's TP/PP layout, in bf16 on a GPU and fp32 on a CPU."""
+
+    mode: str = "none"  # "none"; "copy": use the teacher's attention probabilities; "distill": KL to them
+    teacher_checkpoint: Optional[str] = None  # a save folder or iter_N folder written with --save
+    distill_weight: float = 1.0  # objective = LM loss + weight x mean over layers, heads, tokens of KL(teacher || student)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -156,13 +167,14 @@ class Config:
     fp8: FP8Config = field(default_factory=FP8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    attention_transfer: AttentionTransferConfig = field(default_factory=AttentionTransferConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # Flag prefix per section: the Megatron-LM names are kept where they exist.
-_FLAG_PREFIX = {"tempnet": "tempnet-"}
+_FLAG_PREFIX = {"tempnet": "tempnet-", "attention_transfer": "attention-transfer-"}
 _SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
@@ -396,3 +408,15 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
     if t.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
+
+    at = cfg.attention_transfer
+    _choice(at.mode, ("none", "copy", "distill"), "--attention-transfer-mode")
+    if at.mode != "none":
+        if not at.teacher_checkpoint:
+            raise ConfigError(
+                f"--attention-transfer-mode {at.mode} needs a teacher: pass --attention-transfer-teacher-checkpoint DIR "
+                "(a checkpoint written with --save, with the same --num-layers and --num-attention-heads)")
+        if t.mode == "frozen_lm":
+            raise ConfigError("--attention-transfer-mode trains the LM; it cannot be combined with --mode frozen_lm")
+        if not math.isfinite(at.distill_weight) or at.distill_weight < 0:
+            raise ConfigError(f"--attention-transfer-distill-weight must be >= 0; got {at.distill_weight}")

@@ -55,7 +55,8 @@ class TempNetGPTModel(GPTModel):
         torch.manual_seed(cfg.train.seed)  # embedding (built first); each layer reseeds itself
         super().__init__(
             config=config,
-            transformer_layer_spec=layer_spec(m.arch, use_transformer_engine),
+            transformer_layer_spec=layer_spec(m.arch, use_transformer_engine,
+                                              explicit_attention=cfg.attention_transfer.mode != "none"),
             vocab_size=padded_vocab_size(m),
             max_sequence_length=m.max_position_embeddings or m.seq_length,
             pre_process=pre_process,

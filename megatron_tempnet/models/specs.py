@@ -15,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from .attention import SDPAttention
+from .attention_transfer import ExplicitAttention
 
 # Offsets that keep the per-layer seeds apart from the embedding's and TempNet's streams.
 LAYER_SEED_OFFSET = 1000
@@ -46,11 +47,13 @@ def _with_core_attention(spec: ModuleSpec, core_attention) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
 
 
-def layer_spec(arch: str, use_transformer_engine: bool) -> ModuleSpec:
+def layer_spec(arch: str, use_transformer_engine: bool, explicit_attention: bool = False) -> ModuleSpec:
     """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm).
 
     Transformer Engine's spec as megatron-core defines it; the local spec with torch's fused
     scaled_dot_product_attention in place of megatron-core's unfused DotProductAttention.
+    `explicit_attention` (attention transfer): either spec with ExplicitAttention as the core attention,
+    which forms the attention probabilities so they can be recorded, replaced or distilled.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -59,4 +62,6 @@ def layer_spec(arch: str, use_transformer_engine: bool) -> ModuleSpec:
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if arch == "llama" else "LayerNorm")
         spec = _with_core_attention(spec, SDPAttention)
+    if explicit_attention:
+        spec = _with_core_attention(spec, ExplicitAttention)
     return dataclasses.replace(spec, module=SeededTransformerLayer)

@@ -11,6 +11,7 @@ from megatron.core.utils import get_model_config
 
 from .. import platform
 from ..config import Config, ConfigError
+from .attention_transfer import attach_teacher
 from .batches import MockTokens, micro_batches
 from .signals import StopConditions
 from .model_setup import build_model_chunks
@@ -90,6 +91,7 @@ def setup_run(cfg: Config):
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
                               p.distributed_timeout_minutes, cfg.train.seed)
     model = build_model_chunks(cfg)
+    attach_teacher(cfg, model)  # attention transfer: the frozen teacher (nothing with --attention-transfer-mode none)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     mcfg = get_model_config(model[0])

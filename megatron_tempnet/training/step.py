@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .. import platform
 from ..config import Config
 from ..models.language_model import LMOutput
+from . import attention_transfer
 from .batches import Batch
 from .model_setup import unwrap
 
@@ -46,6 +47,7 @@ def loss_func(loss_mask: torch.Tensor, output: LMOutput):
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator)
+    attention_transfer.before_forward(model, batch)  # the teacher's attention maps (attention transfer only)
     with platform.native_torch():
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
     return output, partial(loss_func, batch.loss_mask)
@@ -91,6 +93,8 @@ def metrics_from_stats(stats: torch.Tensor) -> dict:
 
 
 def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, forward_only: bool) -> list:
+    # attention transfer with PP > 1: the teacher's pipeline pass over the same micro-batches comes first
+    data_iterators = attention_transfer.run_teacher_pipeline(cfg, model, data_iterators, _num_microbatches(cfg))
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -115,6 +119,7 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
     stats, taus = _reduce_reports(reports)
     metrics = metrics_from_stats(stats)
+    metrics.update(attention_transfer.collect_metrics(model, metrics["tokens"]))  # attn_kl in distill mode
     # optimizer.step(), in its parts, so that a bad step can be refused before the update.
     found_inf = optimizer.prepare_grads()  # mixed precision: unscale and check; fp32: wire the main grads
     grad_norm = optimizer.clip_grad_norm(cfg.train.clip_grad) if cfg.train.clip_grad > 0 else optimizer.get_grad_norm()
@@ -141,6 +146,7 @@ def evaluate(cfg: Config, model: List[torch.nn.Module], data_iterators, num_batc
         for chunk in model:
             chunk.train()
     out = metrics_from_stats(stats)
+    out.update(attention_transfer.collect_metrics(model, out["tokens"]))
     out["ppl"] = math.exp(min(out["ce"], 50.0))
     out["ppl_tau"] = math.exp(min(out["ce_tau"], 50.0))
     return out
