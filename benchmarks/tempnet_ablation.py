@@ -637,7 +637,8 @@ def summarize(rows: List[dict], meta: dict) -> str:
     lines += ["", "## Configuration", "",
               f"- Command: `{meta['command']}`",
               f"- Date: {meta['date']}; commit {meta['commit']}; host: {meta['host']}; wall time {meta['wall_s'] / 60:.1f} min"
-              f" ({meta['jobs']} run(s) at a time, {meta['threads']} torch thread(s) each)",
+              f" ({meta['jobs']} run(s) at a time, {meta['threads']} torch thread(s) each; 1-minute load average "
+              f"{meta['load'][0]:.1f} at the start, {meta['load'][1]:.1f} at the end: timings include other users' load)",
               f"- Data: {meta['data']['description']}; " + ("" if meta["data"].get("mock") else
               f"tokenizer: sentencepiece BPE, V = {s['vocab_size']}, trained on the training documents only; "
               f"held-out documents: {meta['data'].get('heldout_docs', 'n/a')}, ") +
@@ -733,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau-max", type=float, default=None)
     g.add_argument("--tempnet-dropout", type=float, default=None)
     g = p.add_argument_group("execution and output")
-    g.add_argument("--jobs", type=int, default=1, help="runs at a time (each a fresh process)")
+    g.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time, each a fresh process (default 2: on a 2-core CPU two 1-thread runs of these "
+                        "small models go faster than one 2-thread run, and keep going under others' load)")
     g.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     g.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="data, index caches and logs")
     g.add_argument("--output-prefix", default=DEFAULT_OUTPUT_PREFIX, help="writes .jsonl, .md, .png")
@@ -754,6 +757,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         return _worker_main(*args.worker)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     vocab_size = args.vocab_size or SCALES[args.scale]["vocab_size"]
     os.makedirs(args.work_dir, exist_ok=True)
     print(f"[ablation] preparing data ({args.corpus if not args.mock_data else 'mock'})", file=sys.stderr, flush=True)
@@ -814,6 +818,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": _git_commit(),
             "host": f"{os.cpu_count()} CPU cores" if not _cuda() else _cuda(), "wall_s": wall_s, "jobs": args.jobs,
             "threads": threads, "png": args.output_prefix + ".png",
+            "load": (load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")),
             "given": {"rho": args.rho is not None, "tempnet_lr": args.tempnet_lr is not None}}
     rows.sort(key=lambda r: (list(ARMS).index(r["arm"]), r["seed"]))
     report = summarize(rows, meta)
