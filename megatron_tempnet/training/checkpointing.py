@@ -836,6 +836,8 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
 
     TempNet weights are loaded when the checkpoint has them with the same shape; otherwise TempNet keeps
     its fresh initialisation (an LM trained without TempNet, or converted from Hugging Face)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
     ckpt = resolve_checkpoint(path)
     info = read_info(ckpt)
     if cfg is not None:
@@ -849,7 +851,8 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
         for key in list(chunk_sd):
             sh = chunk_sd[key]
             skey = getattr(sh, "key", None)
-            if skey is None:
+            if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
+                del chunk_sd[key]  # layers' _extra_state objects: no weights
                 continue
             if key.startswith("tempnet."):
                 gshape = tuple(getattr(sh, "global_shape", ()))
@@ -864,7 +867,7 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
     loaded = _dist_load(sd, ckpt)
     for i, chunk in enumerate(model):
         missing, _ = _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))], strict=False)
-        missing = [k for k in missing if not k.startswith("tempnet.")]
+        missing = [k for k in missing if not k.startswith("tempnet.") and not k.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"{ckpt} lacks weights {missing[:5]}; pass a checkpoint of this model")
     if skipped_tempnet:

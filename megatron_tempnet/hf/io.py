@@ -1,0 +1,174 @@
+"""Convert whole checkpoints: ours -> a Hugging Face folder, and a Hugging Face LLaMA folder -> ours.
+
+Both run in one process on a 1-rank process group (megatron-core needs one to build and load a model):
+our checkpoint, saved at any TP/PP, is loaded at TP = PP = 1 through dist_checkpointing (resharding).
+Callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
+
+The Hugging Face folder holds: config.json, generation_config.json, model.safetensors (fp32 unless a
+dtype is asked for); the tokenizer (tokenizer.json for transformers 5 and the sentencepiece
+tokenizer.model) when the run had a sentencepiece --tokenizer-model; with TempNet: tempnet_config.json,
+tempnet.safetensors and tempnet_processor.py (the LogitsProcessor that applies per-token temperatures
+in `generate`); megatron_tempnet.json (where it came from).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .convert import (SUPPORTED_FROM_HF, ConversionError, check_hf_config, from_hf_state_dict, hf_config,
+                      model_config_from_hf, tempnet_from_hf, tempnet_to_hf, to_hf_state_dict)
+from .tempnet_processor import CONFIG_FILE as TEMPNET_CONFIG, WEIGHTS_FILE as TEMPNET_WEIGHTS
+
+SOURCE_FILE = "megatron_tempnet.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _special_ids(tokenizer_model: Optional[str]) -> dict:
+    if not tokenizer_model:
+        return {}
+    from ..data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_model)
+    ids = {}
+    for name in ("bos", "eos", "pad"):
+        try:
+            value = getattr(tok, name)
+        except Exception:  # a tokenizer without that token
+            continue
+        if value is not None and value >= 0:
+            ids[name] = int(value)
+    return ids
+
+
+def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str] = None, dtype: str = "fp32",
+                 overwrite: bool = False) -> Path:
+    """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    from ..inference.model import load_checkpoint_model
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out} exists and is not empty; pass an empty or new folder (or --overwrite)")
+    if dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    model, cfg, ckpt = load_checkpoint_model(ckpt_path)
+    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
+    if tokenizer_model and Path(tokenizer_model).is_dir():
+        tok_files = tokenizer_model  # a Hugging Face tokenizer folder: copied as is
+    else:
+        tok_files = None
+    if tokenizer_model and not Path(tokenizer_model).exists():
+        raise ConversionError(f"tokenizer {tokenizer_model} (from the checkpoint's config) does not exist; pass "
+                              "--tokenizer-model with the tokenizer the model was trained with")
+    special = _special_ids(tokenizer_model)
+    hcfg = hf_config(cfg, special)
+    hf_model = AutoModelForCausalLM.from_config(hcfg)
+    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(cfg, sd), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not hcfg.tie_word_embeddings]
+    if missing or unexpected:
+        raise ConversionError(f"internal mapping error: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if dtype != "fp32":
+        hf_model.to(_DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer_model:
+        if tok_files:
+            for name in os.listdir(tok_files):
+                if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+                    shutil.copy(os.path.join(tok_files, name), out / name)
+        else:
+            from .tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tokenizer_model, out, model_max_length=hcfg.max_position_embeddings
+                              if hasattr(hcfg, "max_position_embeddings") else hcfg.n_positions)
+    if cfg.tempnet.enabled:
+        from safetensors.torch import save_file
+
+        tn_config, tn_tensors = tempnet_to_hf(cfg, sd)
+        (out / TEMPNET_CONFIG).write_text(json.dumps(tn_config, indent=1))
+        save_file(tn_tensors, str(out / TEMPNET_WEIGHTS))
+        shutil.copy(Path(__file__).with_name("tempnet_processor.py"), out / "tempnet_processor.py")
+    source = {"converted_from": str(ckpt), "iteration": json.loads((ckpt / "tempnet_checkpoint.json").read_text())["iteration"],
+              "config": cfg.to_dict(), "tempnet": bool(cfg.tempnet.enabled), "tokenizer": bool(tokenizer_model)}
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    return out
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    p = Path(hf_dir)
+    if not (p / "config.json").is_file():
+        raise ConversionError(f"{p} has no config.json: pass a Hugging Face model folder (save_pretrained output)")
+    cfg = json.loads((p / "config.json").read_text())
+    check_hf_config(cfg, str(p))
+    return cfg
+
+
+def _load_hf_weights(hf_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    files = [f for f in files if f.name != TEMPNET_WEIGHTS]
+    if not files:
+        bins = sorted(hf_dir.glob("pytorch_model*.bin"))
+        if not bins:
+            raise ConversionError(f"{hf_dir} has no *.safetensors (or pytorch_model*.bin) weights")
+        sd = {}
+        for b in bins:
+            sd.update(torch.load(b, map_location="cpu", weights_only=True))
+        return sd
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
+    """A Hugging Face LLaMA folder -> a model-only checkpoint of ours (iteration 0) in `out_dir`, to start
+    runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a new TempNet). A TempNet
+    written by export_to_hf comes along."""
+    from ..config import Config, padded_vocab_size
+    from ..inference.model import build_model, ensure_single_process_group
+    from ..training.checkpointing import save_checkpoint
+
+    src = Path(hf_dir)
+    hcfg = read_hf_config(hf_dir)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out} exists and is not empty; pass an empty or new folder")
+    cfg = Config()
+    cfg.model = model_config_from_hf(hcfg)
+    cfg.train.seed = seed
+    cfg.data.mock_data = True
+    tok_dir_files = [n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).is_file()]
+    if tok_dir_files:
+        cfg.data.tokenizer_model = str(src.resolve())
+    tempnet = None
+    if (src / TEMPNET_CONFIG).is_file():
+        from safetensors.torch import load_file
+
+        tn_cfg = json.loads((src / TEMPNET_CONFIG).read_text())
+        t = cfg.tempnet
+        t.enabled, t.tau_min, t.tau_max = True, tn_cfg["tau_min"], tn_cfg["tau_max"]
+        t.hidden_size, t.input_variant = tn_cfg.get("hidden_size", t.hidden_size), tn_cfg.get("input_variant", "normalized")
+        if hasattr(t, "kind"):
+            t.kind = tn_cfg.get("kind", "network")
+        tempnet = tempnet_from_hf(tn_cfg, load_file(str(src / TEMPNET_WEIGHTS)), padded_vocab_size(cfg.model))
+    sd = from_hf_state_dict(cfg.model, _load_hf_weights(src), bool(hcfg.get("tie_word_embeddings", False)))
+    if tempnet:
+        sd.update(tempnet)
+    ensure_single_process_group(seed)
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConversionError(f"{src}: weights do not fit the model its config.json describes (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    save_checkpoint(cfg, 0, 0, [model], None, None, save_dir=str(out), keep_last=0)
+    return out

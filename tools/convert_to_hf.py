@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert between our checkpoints and Hugging Face transformers folders.
+
+    # ours (a save folder or one iter_N folder, saved at any TP/PP) -> Hugging Face
+    python tools/convert_to_hf.py --load runs/llama --out hf/llama [--tokenizer-model tok.model] [--dtype bf16]
+
+    # a Hugging Face LLaMA folder -> a model-only checkpoint of ours, to finetune or to give a TempNet:
+    python tools/convert_to_hf.py --from-hf hf/llama --out ckpt/llama
+    python -m megatron_tempnet.train ... --pretrained-checkpoint ckpt/llama --mode frozen_lm --tempnet-enabled
+
+GPT -> GPT2LMHeadModel, LLaMA -> LlamaForCausalLM, weights as safetensors, the tokenizer (tokenizer.json
+built from the sentencepiece model, plus the .model itself), and with TempNet: tempnet.safetensors,
+tempnet_config.json and tempnet_processor.py, whose TempNetLogitsProcessor applies the per-token
+temperatures in `model.generate` (see that file). Runs in one CPU process; no torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="our checkpoint: a --save folder (its latest) or one iter_N folder")
+    src.add_argument("--from-hf", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--tokenizer-model", help="tokenizer to ship (default: the one the run was trained with)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype in the HF folder")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (HF export)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_tempnet import platform
+    from megatron_tempnet.config import ConfigError
+    from megatron_tempnet.data.tokenizer import TokenizerError
+    from megatron_tempnet.hf.convert import ConversionError
+    from megatron_tempnet.hf.io import export_to_hf, import_from_hf
+
+    args = parse_args(argv)
+    try:
+        if args.load:
+            out = export_to_hf(args.load, args.out, tokenizer_model=args.tokenizer_model, dtype=args.dtype,
+                               overwrite=args.overwrite)
+            print(f"wrote Hugging Face folder {out}")
+        else:
+            out = import_from_hf(args.from_hf, args.out)
+            print(f"wrote checkpoint {out} (model weights only: start runs with --pretrained-checkpoint {out})")
+    except (ConfigError, TokenizerError, ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        platform.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
