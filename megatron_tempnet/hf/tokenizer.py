@@ -5,7 +5,9 @@ of a sentencepiece model directly (no network, no slow tokenizer): its BPE or un
 fallback, sentencepiece's whitespace handling (spaces -> "▁", the dummy prefix), and a decoder that
 inverts it. tests/test_hf_convert.py checks that the ids agree with sentencepiece on code and text.
 
-Difference: control pieces (<s>, </s>, <pad>) are special tokens in Hugging Face, so the literal text
+Differences: byte-fallback ids that do not form valid UTF-8 decode to different numbers of U+FFFD
+(sentencepiece replaces the invalid byte, transformers the whole run of byte pieces); ids are the same.
+Control pieces (<s>, </s>, <pad>) are special tokens in Hugging Face, so the literal text
 "<s>" becomes one id there and several pieces in sentencepiece. Text never contains them in practice.
 """
 from __future__ import annotations
