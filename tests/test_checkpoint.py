@@ -58,6 +58,7 @@ def test_resume_is_exact_tp2_pp2_with_tempnet(tp2pp2):
     assert len(straight) == N and len(first) == N // 2 and len(resumed) == N // 2
     assert first + resumed == straight  # bitwise equal losses
     assert (root / "split" / TRACKER_FILE).read_text().strip() == str(N)
+    assert sorted(p.name for p in (root / "split").iterdir()) == [TRACKER_FILE, "iter_0000002", "iter_0000004"]
     info = read_info(root / "split" / f"iter_{N:07d}")
     assert info["iteration"] == N and info["consumed_samples"] == N * 8
     assert info["layout"] == {"tp": 2, "pp": 2, "dp": 1, "world": 4, "vpp": None}
@@ -201,3 +202,16 @@ def test_model_only_checkpoint_cannot_be_resumed(tmp_path):
     cfg = tiny_config("gpt", checkpoint__load=str(ckpt))
     with pytest.raises(CheckpointError, match="model weights only.*--pretrained-checkpoint"):
         load_checkpoint(cfg, [], None, None)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    from megatron_tempnet.training.checkpointing import _prune
+
+    for it in (1, 2, 3, 4, 5):
+        _fake_checkpoint(tmp_path / f"iter_{it:07d}", iteration=it)
+    (tmp_path / ".tmp_iter_0000006").mkdir()  # an interrupted save
+    (tmp_path / ".old_iter_0000003").mkdir()  # a replaced one not yet removed
+    _prune(tmp_path, 2, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "iter_0000005"]
+    _prune(tmp_path, 0, 5)  # 0 keeps all
+    assert len(list(tmp_path.iterdir())) == 2
