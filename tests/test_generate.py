@@ -70,9 +70,11 @@ def test_generation_loop_stops_and_reports_each_tau():
         generate(_Fixed(), [[1]], SamplingParams(top_p=0))
 
 
-def _run(args, timeout=300):
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+def _run(args, timeout=600):
+    from helpers import free_port
+
+    env = dict(os.environ, MASTER_PORT=str(free_port()))  # never the default port other runs may hold
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 

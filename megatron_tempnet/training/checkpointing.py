@@ -21,6 +21,13 @@ folder to `iter_N`, and only then replaces the tracker file (written to a tempor
 renamed). A crash at any point leaves the tracker naming the previous complete checkpoint. Only the
 newest `--keep-last` checkpoints are kept (0 keeps all).
 
+What is stored how: model and optimizer tensors as ShardedTensors (TempNet's W1 split by TP along the
+vocabulary, the rest of TempNet replicated; the distributed optimizer in its "fully_reshardable" form,
+which stores the same global tensors as the plain optimizer, so either kind loads the other's); each
+rank's RNG states (torch CPU and CUDA generators, Python, NumPy, megatron-core's CUDA RNG tracker) as a
+ShardedObject indexed by (PP, TP, DP) rank, as Megatron-LM does; scheduler state, iteration, consumed
+samples, layout and configuration in common.pt (plain values).
+
 Resuming (`--load DIR`) restores weights, optimizer, scheduler, per-rank RNG states (only at the layout
 they were saved at: a different TP/PP/DP has other ranks, so they are left as seeded, with a note),
 iteration and consumed samples; the data iterators restart at the consumed samples, so the resumed run
@@ -347,8 +354,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
                 return obj
         raise pickle.UnpicklingError(
-            f"checkpoint metadata refers to {module}.{name}, which DCP metadata never needs; refusing to load it "
-            "(the checkpoint may have been tampered with)")
+            f"checkpoint metadata (.metadata) refers to {module}.{name}, which is not one of the DCP metadata "
+            "classes this loader builds; refusing to unpickle it (a checkpoint written by another torch / "
+            "megatron-core version, or a tampered one)")
 
 
 def _safe_strategies():
