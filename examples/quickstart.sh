@@ -43,6 +43,6 @@ PY
 
 echo "== 5/5 a sample, with each token's TempNet temperature"
 python -m megatron_tempnet.generate --load "$out/ckpt" --tokenizer-model "$out/tok.model" \
-  --prompt "def fibonacci(n):" --max-new-tokens 48 --top-k 20 --seed 0 --show-tau 2>&1 | grep -v -i "warn"
+  --prompt "def fibonacci(n):" --max-new-tokens 48 --top-k 20 --seed 0 --print-tau 2>&1 | grep -v -i "warn"
 
 echo "TensorBoard logs: tensorboard --logdir $out/tb"
