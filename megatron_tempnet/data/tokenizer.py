@@ -86,9 +86,38 @@ class _TokenizerBase:
             [("class", type(self).__name__), ("sha256", self.sha256), ("vocab_size", self.vocab_size)]
         )
 
+    _vocab_size: int
+    _eos: int
+    _bos: int
+    _pad: int
+    _unk: int
+    _no_eos_message: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        if self._eos < 0:
+            raise TokenizerError(self._no_eos_message.format(path=self.path))
+        return self._eos
+
     @property
     def eos(self) -> int:
         return self.eod
+
+    @property
+    def bos(self) -> int:
+        return self._bos
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    @property
+    def unk(self) -> int:
+        return self._unk
 
     def info(self) -> dict:
         """What preprocess_data records in its manifest."""
@@ -146,30 +175,8 @@ class SentencePieceTokenizer(_TokenizerBase):
         self._unk = int(self._sp.unk_id())
 
     # -- megatron-core interface --
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        if self._eos < 0:
-            raise TokenizerError(
-                f"{self.path} has no end-of-sentence piece (eos_id=-1), which is needed as the end-of-document "
-                f"token; retrain it with tools/train_tokenizer.py (it always defines eos)"
-            )
-        return self._eos
-
-    @property
-    def bos(self) -> int:
-        return self._bos
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def unk(self) -> int:
-        return self._unk
+    _no_eos_message = ("{path} has no end-of-sentence piece (eos_id=-1), which is needed as the end-of-document "
+                       "token; retrain it with tools/train_tokenizer.py (it always defines eos)")
 
     # -- text <-> ids --
     def tokenize(self, text: str) -> List[int]:
@@ -223,30 +230,8 @@ class HFTokenizer(_TokenizerBase):
         self._pad = t.pad_token_id if t.pad_token_id is not None else -1
         self._unk = t.unk_token_id if t.unk_token_id is not None else -1
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        if self._eos < 0:
-            raise TokenizerError(
-                f"the Hugging Face tokenizer at {self.path} has no eos_token, which is needed as the "
-                f"end-of-document token; set eos_token in its tokenizer_config.json"
-            )
-        return self._eos
-
-    @property
-    def bos(self) -> int:
-        return self._bos
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def unk(self) -> int:
-        return self._unk
+    _no_eos_message = ("the Hugging Face tokenizer at {path} has no eos_token, which is needed as the "
+                       "end-of-document token; set eos_token in its tokenizer_config.json")
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False)
