@@ -420,3 +420,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
             raise ConfigError("--attention-transfer-mode trains the LM; it cannot be combined with --mode frozen_lm")
         if not math.isfinite(at.distill_weight) or at.distill_weight < 0:
             raise ConfigError(f"--attention-transfer-distill-weight must be >= 0; got {at.distill_weight}")
+        from .training.attention_transfer import check_teacher  # reads the teacher checkpoint's description
+
+        check_teacher(cfg)  # exists, same layers / heads / vocabulary, fits this TP/PP
