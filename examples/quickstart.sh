@@ -32,7 +32,7 @@ torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29517}" -m megatron_te
   --config examples/configs/quickstart_llama.yaml \
   --data-path "$out/data/stdlib.manifest.json" --tokenizer-model "$out/tok.model" \
   --data-cache-path "$out/index-cache" --train-iters "$iters" --eval-at-start \
-  --save "$out/ckpt" --tensorboard-dir "$out/tb" 2>&1 | grep -v -i "warn" | tee "$out/train.log"
+  --save "$out/ckpt" --tensorboard-dir "$out/tb" 2>&1 | grep --line-buffered -v -i "warn" | tee "$out/train.log"
 
 python - "$out/train.log" <<'PY'
 import re, sys
