@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .convert import (SUPPORTED_FROM_HF, ConversionError, check_hf_config, from_hf_state_dict, hf_config,
+from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_config,
                       model_config_from_hf, tempnet_from_hf, tempnet_to_hf, to_hf_state_dict)
 from .tempnet_processor import CONFIG_FILE as TEMPNET_CONFIG, WEIGHTS_FILE as TEMPNET_WEIGHTS
 
@@ -60,10 +60,6 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
     model, cfg, ckpt = load_checkpoint_model(ckpt_path)
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
-    if tokenizer_model and Path(tokenizer_model).is_dir():
-        tok_files = tokenizer_model  # a Hugging Face tokenizer folder: copied as is
-    else:
-        tok_files = None
     if tokenizer_model and not Path(tokenizer_model).exists():
         raise ConversionError(f"tokenizer {tokenizer_model} (from the checkpoint's config) does not exist; pass "
                               "--tokenizer-model with the tokenizer the model was trained with")
@@ -79,10 +75,10 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer_model:
-        if tok_files:
-            for name in os.listdir(tok_files):
+        if Path(tokenizer_model).is_dir():  # a Hugging Face tokenizer folder: its files are copied as they are
+            for name in os.listdir(tokenizer_model):
                 if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
-                    shutil.copy(os.path.join(tok_files, name), out / name)
+                    shutil.copy(os.path.join(tokenizer_model, name), out / name)
         else:
             from .tokenizer import save_hf_tokenizer
 

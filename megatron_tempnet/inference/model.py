@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -89,11 +88,12 @@ def build_model(cfg: Config):
     return model
 
 
-def load_checkpoint_model(path: str | os.PathLike, *, iteration_dir: Optional[str] = None):
-    """(model, inference config, checkpoint folder) for a checkpoint of ours, weights loaded."""
+def load_checkpoint_model(path: str | os.PathLike):
+    """(model, inference config, checkpoint folder) for a checkpoint of ours (a save folder: its latest;
+    or one iter_N folder), weights loaded."""
     from ..training.checkpointing import load_model_weights, read_info, resolve_checkpoint
 
-    ckpt = resolve_checkpoint(iteration_dir or path)
+    ckpt = resolve_checkpoint(path)
     cfg = inference_config(read_info(ckpt)["config"])
     ensure_single_process_group(cfg.train.seed)
     model = build_model(cfg)
