@@ -300,6 +300,12 @@ def test_generate_fixed_head_and_sequence_mode(tiny_lm):
         assert len(r.choices) == len(r.tokens) == len(r.temperatures) == r.hidden.shape[0]
         assert r.temperatures == [[0.0, 0.5, 1.0][k] for k in r.choices]
         assert tiny_lm.eos not in r.tokens[:-1]
+    with torch.no_grad():  # a head sure of temperature 0; exploration still draws the others
+        head.mlp[-1].bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    sure = generate(tiny_lm, prompts * 4, head, max_new_tokens=3, generator=g1)
+    assert {k for r in sure for k in r.choices} == {0}
+    explored = generate(tiny_lm, prompts * 4, head, max_new_tokens=3, generator=g1, explore=1.0)
+    assert {k for r in explored for k in r.choices} == {0, 1, 2}
     seq_head = AdaptiveDecoderHead(tiny_lm.hidden_size, [0.0, 0.5, 1.0], "sequence", head_hidden_size=8)
     out = generate(tiny_lm, prompts * 3, seq_head, max_new_tokens=5, generator=g1, keep_hidden=True)
     for r in out:

@@ -42,6 +42,7 @@ class AdaptiveConfig:
     samples_per_prompt: int = 8
     max_new_tokens: Optional[int] = None  # default: 6 with --task-mixture, else 32
     clip_grad: float = 1.0
+    explore: float = 0.0  # probability that a latent choice is drawn uniformly instead of from the head, in LPO
     seed: int = 1234
     log_interval: int = 10
     threads: Optional[int] = None  # torch threads; default 1 with --task-mixture (tiny tensors), else torch's
@@ -70,6 +71,7 @@ HELP = {
     "samples_per_prompt": "responses sampled per prompt (best vs worst form the preference pair)",
     "max_new_tokens": "tokens generated per response (default 6 with --task-mixture, else 32)",
     "clip_grad": "gradient-norm clipping of the head (0: off)",
+    "explore": "LPO sampling: probability that a latent choice is drawn uniformly instead of from the head (0: on-policy)",
     "seed": "seed of the head, the sampling and the mixture's prompts",
     "log_interval": "log every N LPO steps",
     "threads": "torch threads (default: 1 with --task-mixture, whose tensors are tiny; else torch's default)",

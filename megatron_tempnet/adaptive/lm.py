@@ -143,10 +143,10 @@ def mixture_lm_config(**overrides) -> Config:
 
 
 def train_lm(cfg: Config, dataset, log: Optional[Callable[[str], None]] = None,
-             before_training: Optional[Callable[[list], None]] = None) -> tuple:
+             before_training: Optional[Callable[[list, object], None]] = None) -> tuple:
     """Train an LM with the project's trainer (megatron-core schedules and optimizer) on a map-style
-    dataset of {"tokens", "labels", "loss_mask"} items, in this process (1 rank). before_training(model chunks)
-    runs once the model is built. Returns (model chunks, per-step losses)."""
+    dataset of {"tokens", "labels", "loss_mask"} items, in this process (1 rank). before_training(model chunks,
+    optimizer) runs once they are built. Returns (model chunks, per-step metrics)."""
     from .. import platform
     from ..training.loop import data_iterators, setup_run
     from ..training.step import train_step
@@ -155,17 +155,18 @@ def train_lm(cfg: Config, dataset, log: Optional[Callable[[str], None]] = None,
     ensure_process_group(cfg.train.seed)
     model, optimizer, scheduler = setup_run(cfg)
     if before_training is not None:
-        before_training(model)
+        before_training(model, optimizer)
     iters = data_iterators(cfg, dataset, 0, len(model))
-    losses, t0 = [], time.perf_counter()
+    history, t0 = [], time.perf_counter()
     for it in range(1, cfg.train.train_iters + 1):
         metrics = train_step(cfg, model, optimizer, scheduler, iters)
-        losses.append(metrics["loss"])
+        history.append({k: v for k, v in metrics.items() if k != "tau_values"})
         if log and (it % 50 == 0 or it == cfg.train.train_iters):
-            recent = losses[-50:]
-            log(f"LM iter {it}/{cfg.train.train_iters} | loss {sum(recent) / len(recent):.4f} | "
-                f"{time.perf_counter() - t0:.1f} s")
-    return model, losses
+            recent = history[-50:]
+            mean = lambda k: sum(h[k] for h in recent) / len(recent)  # noqa: E731
+            log(f"LM iter {it}/{cfg.train.train_iters} | loss {mean('loss'):.4f} | ce(z/tau) {mean('ce_tau'):.4f} | "
+                f"tau {mean('tau_mean'):.3f} +- {mean('tau_std'):.3f} | {time.perf_counter() - t0:.1f} s")
+    return model, history
 
 
 def train_mixture_lm(steps: int = 400, seed: int = 1234, log: Optional[Callable[[str], None]] = None,

@@ -40,6 +40,7 @@ class LPOSettings:
     max_new_tokens: int = 6
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    explore: float = 0.0  # probability that a latent choice is drawn uniformly instead of from the head
     seed: int = 1234
     log_interval: int = 10
 
@@ -55,6 +56,8 @@ def check_settings(s: LPOSettings) -> None:
         raise AdaptiveError("--prompts-per-step must be >= 1 and --steps >= 0")
     if s.max_new_tokens < 1:
         raise AdaptiveError(f"--max-new-tokens must be >= 1; got {s.max_new_tokens}")
+    if not 0 <= s.explore <= 1:
+        raise AdaptiveError(f"--explore is a probability in [0, 1]; got {s.explore}")
 
 
 def latent_logprob(head: AdaptiveDecoderHead, responses: Sequence[Response]) -> torch.Tensor:
@@ -94,13 +97,13 @@ def make_pairs(groups: Sequence[Sequence[Response]], rewards: Sequence[Sequence[
 
 def sample_and_score(lm: LanguageModel, prompts: Sequence[str], temperature: Temperature, reward: RewardFunction,
                      n: int, max_new_tokens: int, generator: torch.Generator, latent: str = "sample",
-                     keep_hidden: bool = False) -> Tuple[List[List[Response]], List[List[float]]]:
+                     keep_hidden: bool = False, explore: float = 0.0) -> Tuple[List[List[Response]], List[List[float]]]:
     """n responses per prompt and their rewards, grouped by prompt."""
     ids = [lm.tokenizer.tokenize(p) for p in prompts]
     check_prompts(ids, max_new_tokens, lm.max_length, prompts)
     flat = [p for p in ids for _ in range(n)]
     responses = generate(lm, flat, temperature, max_new_tokens=max_new_tokens, generator=generator,
-                         latent=latent, keep_hidden=keep_hidden)
+                         latent=latent, keep_hidden=keep_hidden, explore=explore)
     groups = [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
     rewards = [reward(p, [response_text(lm, r) for r in g]) for p, g in zip(prompts, groups)]
     return groups, rewards
@@ -124,7 +127,7 @@ def train_lpo(lm: LanguageModel, head: AdaptiveDecoderHead, prompt_source: Calla
     for step in range(1, s.steps + 1):
         prompts = prompt_source(step)
         groups, rewards = sample_and_score(lm, prompts, head, reward, s.samples_per_prompt, s.max_new_tokens,
-                                           gen, latent="sample", keep_hidden=True)
+                                           gen, latent="sample", keep_hidden=True, explore=s.explore)
         chosen, rejected = make_pairs(groups, rewards, rng)
         rec = {"step": step, "reward": sum(map(sum, rewards)) / sum(map(len, rewards)), "pairs": len(chosen)}
         if chosen:

@@ -59,9 +59,9 @@ class TemperatureBackend(MegatronBackend):
     """MegatronBackend whose per-row tau is a fixed temperature, TempNet's, or the head's choice."""
 
     def __init__(self, lm: LanguageModel, temperature: Temperature, latent: str = "sample",
-                 generator: Optional[torch.Generator] = None, keep_hidden: bool = False):
+                 generator: Optional[torch.Generator] = None, keep_hidden: bool = False, explore: float = 0.0):
         super().__init__(lm.model)
-        self.lm, self.temperature, self.latent = lm, temperature, latent
+        self.lm, self.temperature, self.latent, self.explore = lm, temperature, latent, explore
         self.head = temperature if isinstance(temperature, AdaptiveDecoderHead) else None
         self.generator, self.keep_hidden = generator, keep_hidden
         self.steps: List[dict] = []  # per step: "temps" [b], and with a head "choices" [b], "hidden" [b, H]
@@ -76,6 +76,9 @@ class TemperatureBackend(MegatronBackend):
         if self.head is not None:
             if self.head.mode == "token" or not self.steps:
                 k = self.head.choose(h, sample=self.latent == "sample", generator=self.generator)
+                if self.explore > 0:  # a uniformly drawn choice instead, with probability `explore`
+                    uniform = torch.randint(0, self.head.num_choices, k.shape, generator=self.generator)
+                    k = torch.where(torch.rand(k.shape, generator=self.generator) < self.explore, uniform, k)
                 rec["choices"] = k
                 if self.keep_hidden:
                     rec["hidden"] = h
@@ -94,13 +97,14 @@ class TemperatureBackend(MegatronBackend):
 @torch.no_grad()
 def generate(lm: LanguageModel, prompts: Sequence[Sequence[int]], temperature: Temperature, *,
              max_new_tokens: int, generator: Optional[torch.Generator] = None, latent: str = "sample",
-             keep_hidden: bool = False, batch_size: int = 256) -> List[Response]:
+             keep_hidden: bool = False, explore: float = 0.0, batch_size: int = 256) -> List[Response]:
     """Generate one response per prompt (repeat a prompt to draw several), stopping at <eos>.
 
     temperature: a fixed value (0 = greedy), "tempnet" (the LM's TempNet tau per token), or an
     AdaptiveDecoderHead (latent "sample": draw each choice from the head; "argmax": its most likely).
     generator: the random stream of the latent choices and of the tokens. keep_hidden: store the hidden
-    states of the head's choices (LPO needs them)."""
+    states of the head's choices (LPO needs them). explore: probability that a latent choice is drawn
+    uniformly instead of from the head (LPO's exploration)."""
     check_prompts(prompts, max_new_tokens, lm.max_length)
     if temperature == "tempnet" and not lm.has_tempnet:
         raise AdaptiveError("temperature 'tempnet' needs an LM trained with --tempnet-enabled; this one has no TempNet")
@@ -116,7 +120,7 @@ def generate(lm: LanguageModel, prompts: Sequence[Sequence[int]], temperature: T
     out: List[Response] = []
     for start in range(0, len(prompts), batch_size):
         part = [list(p) for p in prompts[start:start + batch_size]]
-        backend = TemperatureBackend(lm, temperature, latent, generator, keep_hidden)
+        backend = TemperatureBackend(lm, temperature, latent, generator, keep_hidden, explore)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # the loop's own token stream
         gens = generate_tokens(backend, part, SamplingParams(max_new_tokens=max_new_tokens, seed=seed,
                                                              stop_token_ids=[lm.eos]))

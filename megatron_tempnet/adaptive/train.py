@@ -137,7 +137,7 @@ def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print) -> dict:
     head = AdaptiveDecoderHead(lm.hidden_size, cfg.temperatures, cfg.mode, cfg.head_hidden_size, seed=cfg.seed)
     settings = LPOSettings(beta=cfg.beta, lr=cfg.lr, steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
                            samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=max_new,
-                           clip_grad=cfg.clip_grad, seed=cfg.seed, log_interval=cfg.log_interval)
+                           clip_grad=cfg.clip_grad, explore=cfg.explore, seed=cfg.seed, log_interval=cfg.log_interval)
     t0 = time.perf_counter()
     history = train_lpo(lm, head, source, reward, settings, log, group_of)
     train_s = time.perf_counter() - t0
