@@ -169,7 +169,7 @@ def train_lm(cfg: Config, dataset, log: Optional[Callable[[str], None]] = None,
     return model, history
 
 
-def train_mixture_lm(steps: int = 400, seed: int = 1234, log: Optional[Callable[[str], None]] = None,
+def train_mixture_lm(steps: int = 800, seed: int = 1234, log: Optional[Callable[[str], None]] = None,
                      save: Optional[str] = None, **overrides) -> "LanguageModel":
     """Train the tiny LM of the built-in mixture; optionally save its weights (model-only checkpoint)."""
     from .tasks import MixtureCorpus, MixtureTokenizer
