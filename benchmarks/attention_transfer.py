@@ -59,10 +59,11 @@ LABELS = {"teacher": "teacher", "scratch": "student from scratch", "copy": "stud
           "distill": "student, attention distillation"}
 
 SCALES = {
-    # About 15 CPU-minutes on 2 cores (teacher 600 steps, then three students of 250 steps side by side).
+    # About 15 CPU-minutes at one thread per run (teacher 1200 steps, then three students of 400 steps side by
+    # side): ~10 min on 2 idle cores; on a shared machine the wall time grows with the load.
     "cpu-small": dict(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128, micro_batch_size=16,
-                      global_batch_size=16, vocab_size=4096, teacher_iters=600, student_iters=250, lr=2e-3,
-                      min_lr=2e-4, lr_warmup_iters=25, eval_interval=25, curve_windows=64, eval_windows=512),
+                      global_batch_size=16, vocab_size=4096, teacher_iters=1200, student_iters=400, lr=2e-3,
+                      min_lr=2e-4, lr_warmup_iters=20, eval_interval=25, curve_windows=64, eval_windows=512),
     "test": dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, micro_batch_size=2,
                  global_batch_size=4, vocab_size=250, teacher_iters=4, student_iters=3, lr=1e-2, min_lr=1e-3,
                  lr_warmup_iters=1, eval_interval=2, curve_windows=8, eval_windows=16),
@@ -266,9 +267,10 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     return 0
 
 
-def run_in_processes(specs: List[dict], tmp: str, jobs: int) -> List[dict]:
-    """Each spec in a fresh process, `jobs` at a time (each with its share of the CPU cores as torch threads)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+def run_in_processes(specs: List[dict], tmp: str, jobs: int, threads: Optional[int] = None) -> List[dict]:
+    """Each spec in a fresh process, `jobs` at a time, each with `threads` torch threads (default: its share of
+    the CPU cores)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pending, running, done = list(specs), [], {}
     while pending or running:
         while pending and len(running) < jobs:
@@ -330,7 +332,7 @@ def summarize(rows: List[dict], meta: dict) -> str:
               f"- Teacher: {s['teacher_iters']} steps (seed {s['teacher_seed']}). Students: {s['student_iters']} steps "
               f"each, same initial weights (seed {s['student_seed']}) and data order (the first {s['student_iters']} "
               f"batches the teacher saw); distill weight {s['distill_weight']:g}. Students trained {meta['jobs']} at a "
-              "time.",
+              f"time; {rows[-1].get('threads', '?')} torch thread(s) per run.",
               f"- Data: {meta['data']}; held-out evaluation on {by[rows[0]['run']]['heldout_tokens']:,} tokens.",
               f"- Date {meta['date']}; commit {meta['commit']}; {meta['host']}; wall time {meta['wall_s'] / 60:.1f} min; "
               f"1-minute load average at the end {meta['load']:.1f} (other jobs shared the machine: times are noisy).",
@@ -392,6 +394,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-windows", type=int, default=None, help="held-out windows in the final evaluation (0: all)")
     p.add_argument("--runs", nargs="+", choices=STUDENTS, default=list(STUDENTS), help="which students to train")
     p.add_argument("--jobs", type=int, default=3, help="students trained side by side (each in its own process)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1: on a small or shared CPU, more threads per process spin "
+                        "more than they compute; 0: CPU cores / jobs)")
     p.add_argument("--reuse-teacher", action="store_true",
                    help="reuse the teacher saved in --work-dir by an earlier run with the same settings")
     p.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of the embedded corpus")
@@ -419,10 +424,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(teacher_row_path) as f:
                 rows.append(json.load(f))
         else:
-            rows += run_in_processes([{**common, "run": "teacher"}], tmp, 1)
+            rows += run_in_processes([{**common, "run": "teacher"}], tmp, 1, args.threads)
             with open(teacher_row_path, "w") as f:
                 json.dump(rows[-1], f)
-        rows += run_in_processes([{**common, "run": run} for run in args.runs], tmp, args.jobs)
+        rows += run_in_processes([{**common, "run": run} for run in args.runs], tmp, args.jobs, args.threads)
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "losses", "train_attn_kl")}), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
