@@ -28,7 +28,6 @@ Rewards (`mixture_reward`, a reward callable like any user's: (prompt text, resp
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
