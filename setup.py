@@ -23,7 +23,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "triton"],
         "hf": ["transformers>=4.40", "safetensors"],
-        "dev": ["pytest", "pytest-timeout", "triton", "transformers>=4.40", "safetensors"],
+        "plots": ["matplotlib", "Pillow"],  # benchmark plots, tools/shade_tokens.py PNGs
+        "dev": ["pytest", "pytest-timeout", "triton", "transformers>=4.40", "safetensors", "matplotlib", "Pillow"],
     },
     entry_points={
         "console_scripts": [
