@@ -1,4 +1,5 @@
-"""Triton kernels for the fused linear + DRO cross-entropy (see dro_cce.py for the math and the API).
+"""Triton kernel for the forward pass of the fused linear + DRO cross-entropy (see dro_cce.py for the math,
+the API and the backward).
 
 Imported lazily by dro_cce.py, so that ``TRITON_INTERPRET=1`` can be set before triton is first imported
 (the interpreter runs these kernels on CPU tensors; the tests use it).
@@ -10,12 +11,10 @@ and a contiguous run of vocabulary tiles; for each tile it computes the logits t
 writes its per-token statistics to a small [splits, N] buffer, merged afterwards (flash-decoding
 style split-V: no locks, no N x V memory; the split count is chosen to fill the GPU).
 
-Backward (``_dro_bwd_kernel``): grid (token blocks, vocabulary tiles). Each program recomputes its
-logits tile, forms G = p - onehot(y) (optionally skipping the tile when max |G| < filter_eps, as Cut
-Cross-Entropy does), and accumulates dE += (G C_tile) * grad and dC_tile += G^T (grad * E) into fp32
-buffers with atomic adds, D-block by D-block. The per-token grad scale is applied to dE after the dot
-and folded into E for dC, so the 16-bit dot operands stay O(1) (no fp16 underflow of tiny gradients).
-dtau needs no kernel: it is a per-token function of the forward statistics.
+Backward is not here: dro_cce.py recomputes the logits chunk by chunk with cuBLAS products on the tensor
+cores. An on-chip backward that accumulates dE and dC with fp32 atomic adds (one pass over dE per vocabulary
+tile, one over dC per token block) measured 77-116 ms against 8.2 ms for the chunked one on an H100 (bf16,
+8192 tokens x 32000 x 2048); the atomics' memory traffic, not the arithmetic, bound it.
 """
 from __future__ import annotations
 
@@ -89,72 +88,13 @@ def _dro_fwd_kernel(
     tl.store(Zo + out, zy, mask=n_mask)
 
 
-@triton.jit
-def _dro_bwd_kernel(
-    E, C, InvTau, Lse, Gs, Tgt, dE, dC,
-    N, Vn, D,
-    stride_en, stride_ed, stride_cv, stride_cd, stride_den, stride_dcv,
-    filter_eps,
-    FILTER: tl.constexpr, COMPUTE_DE: tl.constexpr, COMPUTE_DC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    n_mask = offs_n < N
-    v_mask = offs_v < Vn
-    inv_tau = tl.load(InvTau + offs_n, mask=n_mask, other=1.0)
-    lse = tl.load(Lse + offs_n, mask=n_mask, other=0.0)
-    gs = tl.load(Gs + offs_n, mask=n_mask, other=0.0)
-    tgt = tl.load(Tgt + offs_n, mask=n_mask, other=-1)
-    offs_d0 = tl.arange(0, BLOCK_D).to(tl.int64)
-
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + offs_d0
-        d_mask = offs_d < D
-        e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        c = tl.load(C + offs_v[None, :] * stride_cv + offs_d[:, None] * stride_cd,
-                    mask=v_mask[None, :] & d_mask[:, None], other=0.0)
-        acc = _dot(e, c, acc, DOT_PRECISION, UPCAST)
-
-    row_ok = n_mask & (gs != 0.0)
-    p = tl.exp(acc * inv_tau[:, None] - lse[:, None])
-    p = tl.where(row_ok[:, None] & v_mask[None, :], p, 0.0)
-    g = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)  # dL/dz, before the grad scale
-    if FILTER:
-        if tl.max(tl.max(tl.abs(g), 1), 0) < filter_eps:
-            return
-    g_lo = g.to(E.dtype.element_ty)
-
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + offs_d0
-        d_mask = offs_d < D
-        if COMPUTE_DE:
-            c = tl.load(C + offs_v[:, None] * stride_cv + offs_d[None, :] * stride_cd,
-                        mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-            de = _dot(g_lo, c, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), DOT_PRECISION, UPCAST) * gs[:, None]
-            tl.atomic_add(dE + offs_n[:, None] * stride_den + offs_d[None, :], de,
-                          mask=n_mask[:, None] & d_mask[None, :])
-        if COMPUTE_DC:
-            e = tl.load(E + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            e = (e.to(tl.float32) * gs[:, None]).to(E.dtype.element_ty)
-            dc = _dot(tl.trans(g_lo), e, tl.zeros([BLOCK_V, BLOCK_D], tl.float32), DOT_PRECISION, UPCAST)
-            tl.atomic_add(dC + offs_v[:, None] * stride_dcv + offs_d[None, :], dc,
-                          mask=v_mask[:, None] & d_mask[None, :])
-
-
-def _config(device: torch.device, dtype: torch.dtype, backward: bool):
+def _config(device: torch.device, dtype: torch.dtype):
     if device.type != "cuda":  # interpreter: smallest legal tiles (tl.dot needs >= 16)
         return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16), {}
-    block_d = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    if backward:
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d), dict(num_warps=8, num_stages=3)
+    if dtype in (torch.float16, torch.bfloat16):
+        # H100, bf16, 8192 tokens x 32000 x 2048: 2.1 ms (about 510 TFLOP/s) against 2.8 ms for 128 x 128 tiles.
+        return dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64), dict(num_warps=8, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32), dict(num_warps=8, num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -176,7 +116,7 @@ def forward_stats(E, C, inv_tau, tgt_local, n_valid):
     if n_valid == 0 or N == 0:
         return (torch.full((N,), float("-inf"), device=dev), torch.zeros(N, device=dev),
                 torch.zeros(N, device=dev), torch.zeros(N, device=dev))
-    blocks, launch = _config(dev, E.dtype, backward=False)
+    blocks, launch = _config(dev, E.dtype)
     n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
     n_tiles = triton.cdiv(n_valid, blocks["BLOCK_V"])
     if dev.type == "cuda":
@@ -198,27 +138,3 @@ def forward_stats(E, C, inv_tau, tgt_local, n_valid):
     )
     m, l, a = _merge_rows(buf[0], buf[1], buf[2])
     return m, l, a, buf[3].sum(0)
-
-
-def backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, filter_eps, need_dE, need_dC):
-    """(dE [N, D] in E.dtype or None, dC [V_local, D] in C.dtype or None); fp32 accumulation."""
-    N, D = E.shape
-    dev = E.device
-    dE32 = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_dE else None
-    dC32 = torch.zeros(C.shape[0], D, dtype=torch.float32, device=dev) if need_dC else None
-    if n_valid > 0 and N > 0:
-        blocks, launch = _config(dev, E.dtype, backward=True)
-        grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(n_valid, blocks["BLOCK_V"]))
-        dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        _dro_bwd_kernel[grid](
-            E, C, inv_tau.contiguous(), lse.contiguous(), gscale.contiguous(), tgt_local.contiguous(),
-            dE32 if need_dE else dummy, dC32 if need_dC else dummy,
-            N, n_valid, D,
-            E.stride(0), E.stride(1), C.stride(0), C.stride(1), D, D,
-            0.0 if filter_eps is None else float(filter_eps),
-            FILTER=filter_eps is not None, COMPUTE_DE=bool(need_dE), COMPUTE_DC=bool(need_dC),
-            DOT_PRECISION=_dot_precision(E.dtype), UPCAST=_upcast(E), **blocks, **launch,
-        )
-    dE = dE32.to(E.dtype) if need_dE else None
-    dC = dC32.to(C.dtype) if need_dC else None
-    return dE, dC

@@ -19,16 +19,19 @@ How it is computed (both implementations share the math):
 * Under vocabulary (tensor) parallelism the per-rank statistics are combined with one all-reduce MAX
   (of m) and one all-reduce SUM (of the rebased l, a and z_y), as megatron-core's
   vocab_parallel_cross_entropy does.
-* Backward recomputes the logits block by block, forms ``g = grad_out * (p - onehot(y))`` and
-  accumulates ``dE += g C_blk`` and ``dC_blk = g^T E`` in fp32.
+* Backward recomputes the logits chunk by chunk (``chunk_size`` vocabulary rows), forms
+  ``g = grad_out * (p - onehot(y))`` and accumulates ``dE += g C_chunk`` and ``dC_chunk = g^T E`` with fp32
+  accumulation. Chunks, not on-chip tiles: the products then run at cuBLAS speed on the tensor cores
+  (on-chip tiles need atomic adds into dE and dC, about 10x slower; see _dro_cce_triton.py).
 
 Implementations (``impl``):
 
-* ``"torch"``: chunks over the vocabulary (``chunk_size`` rows at a time); working memory is
-  O(N * chunk_size), never N x V. Runs anywhere (CPU, CUDA).
-* ``"triton"``: tiles of tokens x vocabulary computed on chip (see ``_dro_cce_triton.py``). Needs
-  CUDA tensors, or ``TRITON_INTERPRET=1`` set before triton is first imported (then it runs, slowly,
-  on CPU tensors; used by the tests).
+* ``"torch"``: chunks over the vocabulary (``chunk_size`` rows at a time) in both passes; working memory
+  is O(N * chunk_size), never N x V. Runs anywhere (CPU, CUDA).
+* ``"triton"``: the forward statistics from tiles of tokens x vocabulary computed on chip (see
+  ``_dro_cce_triton.py``: no logits memory at all); the backward is the chunked one. Needs CUDA tensors,
+  or ``TRITON_INTERPRET=1`` set before triton is first imported (then it runs, slowly, on CPU tensors;
+  used by the tests).
 * ``"auto"``: triton for CUDA tensors when triton imports, torch otherwise.
 
 Tensor-parallel gradient convention (same as megatron-core's ColumnParallelLinear output layer):
@@ -56,13 +59,22 @@ __all__ = [
     "vocab_parallel_logit_max",
     "tempnet_first_layer_logits_free",
     "DEFAULT_CHUNK_SIZE",
+    "default_chunk_size",
 ]
 
-#: Vocabulary rows per chunk in the torch path. Working memory is about 2 * N * chunk_size * 4 bytes
-#: (N = tokens), e.g. 32 MiB for N = 8192.
+#: Vocabulary rows per chunk in the torch path on a CPU. Working memory is about 2 * N * chunk_size * 4
+#: bytes (N = tokens), e.g. 32 MiB for N = 8192.
 DEFAULT_CHUNK_SIZE = 512
 
-#: Counts of the torch path's gradient filtering (vocabulary rows x chunks seen / skipped), for benchmarks.
+
+def default_chunk_size(n_tokens: int, device: torch.device) -> int:
+    """Vocabulary rows per chunk of the torch path: DEFAULT_CHUNK_SIZE on a CPU; on a GPU, chunks of up to
+    2^27 logits (512 MiB in fp32), 1024..8192 rows, so that each product is big enough for the tensor cores."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_SIZE
+    return max(1024, min(8192, 2**27 // max(1, n_tokens)))
+
+#: Counts of the backward's gradient filtering (vocabulary rows x chunks seen / skipped), for benchmarks.
 FILTER_STATS = {"rows_total": 0, "rows_skipped": 0}
 
 
@@ -225,18 +237,35 @@ def _combine_tp(m, l, a, zy, group):
 # ----------------------------------------------------------------------------------------------------
 # torch (chunked) implementation
 # ----------------------------------------------------------------------------------------------------
+def _tensor_core_operands(E) -> bool:
+    """16-bit CUDA inputs multiply in 16 bit with fp32 accumulation and fp32 output (tensor cores, the
+    Triton kernel's precision); everything else is upcast to fp32 first."""
+    return E.is_cuda and E.dtype != torch.float32
+
+
+def _chunk_logits(E, Cc):
+    """[N, c] fp32 logits E Cc^T of one vocabulary chunk (E as returned by _operand)."""
+    if E.dtype == torch.float32:
+        return E @ Cc.float().t()
+    return torch.mm(E, Cc.t(), out_dtype=torch.float32)
+
+
+def _operand(E):
+    return E if _tensor_core_operands(E) else E.float()
+
+
 def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
     """Per-token (m, l, a, z_y) over rows [0, n_valid) of this shard, chunk rows at a time."""
     N = E.shape[0]
     dev = E.device
-    E32 = E.float()
     m = torch.full((N,), float("-inf"), dtype=torch.float32, device=dev)
     l = torch.zeros(N, dtype=torch.float32, device=dev)
     a = torch.zeros(N, dtype=torch.float32, device=dev)
     zy = torch.zeros(N, dtype=torch.float32, device=dev)
+    E = _operand(E)
     for c0 in range(0, n_valid, chunk):
         c1 = min(c0 + chunk, n_valid)
-        s = E32 @ C[c0:c1].float().t()  # [N, c] logits z of this chunk
+        s = _chunk_logits(E, C[c0:c1])  # [N, c] logits z of this chunk
         idx = tgt_local - c0
         here = (idx >= 0) & (idx < c1 - c0)
         zy += torch.where(here, s.gather(1, idx.clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1), 0.0)
@@ -251,16 +280,20 @@ def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
     return m, l, a, zy
 
 
-def _torch_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC):
+def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC):
     N, D = E.shape
-    E32 = E.float()
+    low = _tensor_core_operands(E)
+    E = _operand(E)
     dE32 = torch.zeros(N, D, dtype=torch.float32, device=E.device) if need_dE else None
     dC = torch.zeros_like(C) if need_dC else None
     active = (gscale != 0).float().unsqueeze(1)
+    # 16-bit CUDA inputs: the products run in 16 bit with fp32 accumulation, and the per-token grad scale stays
+    # out of the 16-bit operands (applied after the dE product, folded into E for dC), as in the Triton kernel.
+    Es = (E.float() * gscale.unsqueeze(1)).to(E.dtype) if low and need_dC else None
     for c0 in range(0, n_valid, chunk):
         c1 = min(c0 + chunk, n_valid)
-        Cc = C[c0:c1].float()
-        g = E32 @ Cc.t()
+        Cc = C[c0:c1] if low else C[c0:c1].float()
+        g = _chunk_logits(E, Cc)
         g.mul_(inv_tau.unsqueeze(1)).sub_(lse.unsqueeze(1)).exp_()  # p = softmax(z / tau) on this chunk
         idx = tgt_local - c0
         here = (idx >= 0) & (idx < c1 - c0)
@@ -277,15 +310,21 @@ def _torch_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filte
                 rows = keep.nonzero().squeeze(1)
                 g = g.index_select(1, rows)
                 Cc = Cc.index_select(0, rows)
-        g.mul_(gscale.unsqueeze(1))
-        if need_dE:
-            dE32.addmm_(g, Cc)
+        if low:
+            g = g.to(E.dtype)
+            if need_dE:
+                dE32.add_(torch.mm(g, Cc, out_dtype=torch.float32).mul_(gscale.unsqueeze(1)))
+            dCc = g.t() @ Es if need_dC else None
+        else:
+            g.mul_(gscale.unsqueeze(1))
+            if need_dE:
+                dE32.addmm_(g, Cc)
+            dCc = (g.t() @ E).to(C.dtype) if need_dC else None
         if need_dC:
-            dCc = (g.t() @ E32).to(C.dtype)
             if rows is None:
                 dC[c0:c1] = dCc
             else:
-                dC[c0:c1].index_copy_(0, rows, dCc)
+                dC[c0:c1].index_copy_(0, rows, dCc.to(C.dtype))
         del g, Cc
     dE = dE32.to(E.dtype) if need_dE else None
     return dE, dC
@@ -322,7 +361,6 @@ class _LinearDROCrossEntropy(torch.autograd.Function):
         dldtau = torch.where(valid, log_l - a / l + shift, zero)  # = rho - KL(p || uniform)
 
         ctx.save_for_backward(hidden, weight, inv_tau, lse, tgt_local, valid, dldtau)
-        ctx.impl = impl
         ctx.n_valid = n_valid
         ctx.chunk_size = chunk_size
         ctx.filter_eps = filter_eps
@@ -337,14 +375,8 @@ class _LinearDROCrossEntropy(torch.autograd.Function):
         need_dE, need_dC, need_dtau = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dE = dC = dtau = None
         if need_dE or need_dC:
-            if ctx.impl == "triton":
-                from . import _dro_cce_triton as tk
-
-                dE, dC = tk.backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
-                                     ctx.filter_eps, need_dE, need_dC)
-            else:
-                dE, dC = _torch_backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
-                                         ctx.chunk_size, ctx.filter_eps, need_dE, need_dC)
+            dE, dC = _chunked_backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
+                                       ctx.chunk_size, ctx.filter_eps, need_dE, need_dC)
         if need_dtau:
             dtau = (gscale * dldtau).to(ctx.tau_dtype)
         return dE, dC, dtau, None, None, None, None, None, None, None, None, None
@@ -365,7 +397,7 @@ def linear_dro_cross_entropy(
     tp_group: Optional["dist.ProcessGroup"] = None,
     ignore_index: int = -100,
     impl: str = "auto",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-token DRO loss of ``hidden @ weight.T`` without materialising the logits.
@@ -386,15 +418,18 @@ def linear_dro_cross_entropy(
         tp_group: vocabulary-parallel process group; None or size 1 = no parallelism.
         ignore_index: targets equal to it give loss 0 and zero gradients.
         impl: "auto" (triton for CUDA tensors, torch elsewhere), "torch" or "triton".
-        chunk_size: vocabulary rows per chunk in the torch path (memory ~ 2 * N * chunk_size * 4 bytes).
+        chunk_size: vocabulary rows per chunk in the backward and the torch forward (memory ~ 2 * N *
+            chunk_size * 4 bytes); None: ``default_chunk_size``.
         filter_eps: if set, gradient blocks whose entries |softmax(z/tau)_k - [k = y]| are all below it are
-            skipped in backward (as Cut Cross-Entropy does); torch path: per vocabulary row over all
-            tokens, triton path: per (token block, vocabulary block) tile. Loss and dtau are exact.
+            skipped in backward (as Cut Cross-Entropy does), per vocabulary row of a chunk over all tokens.
+            Loss and dtau are exact.
 
     Returns:
         [...] per-token loss in fp32 (0 where ignored), identical on all tensor-parallel ranks;
         differentiable w.r.t. hidden (partial dE under TP), weight (local shard) and tau (full value).
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.numel() // max(1, hidden.shape[-1]), hidden.device)
     _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
     rho = _check_loss_inputs(hidden, weight, targets, tau, rho, vocab_size, ignore_index, impl, filter_eps)
     impl = _resolve_impl(impl, hidden.device)
@@ -525,9 +560,10 @@ def tempnet_first_layer_logits_free(
         gram = torch.zeros(D, D, dtype=torch.float32, device=weight.device)
         csum = torch.zeros(1, D, dtype=torch.float32, device=weight.device)
         for c0 in range(0, n_valid, chunk_size):
-            Cc = Cd[c0:min(c0 + chunk_size, n_valid)].float()
-            gram.addmm_(Cc.t(), Cc)
-            csum += Cc.sum(0, keepdim=True)
+            # 16-bit weights on a GPU: exact products on the tensor cores, summed in fp32.
+            Ct = _operand(Cd[c0:min(c0 + chunk_size, n_valid)].t())  # [D, c]
+            gram += _chunk_logits(Ct, Ct)  # C_c^T C_c
+            csum += Ct.float().sum(1).unsqueeze(0)
     # One all-reduce for everything (w1c keeps its autograd path; the rest are constants or w1 row sums).
     parts = [w1c.reshape(-1), gram.reshape(-1), csum.reshape(-1)]
     if shift is not None:

@@ -412,3 +412,18 @@ def test_triton_compiled_matches_torch_path_on_gpu(dtype):
     # auto picks triton on CUDA
     auto = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype)
     assert_close_all(auto, outs["triton"], 1e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_tempnet_input_with_bf16_weights_on_gpu_matches_fp64():
+    """The logits-free TempNet input on a GPU (C^T C on the tensor cores) against float64 on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    N, V, V_pad, D, d = 512, 5003, 5120, 256, 32
+    hidden = (torch.randn(N, D, generator=g) * 0.5).bfloat16()
+    weight = (torch.randn(V_pad, D, generator=g) * 0.1).bfloat16()
+    w1 = torch.randn(d, V_pad, generator=g)
+    z = hidden.double() @ weight[:V].double().t()
+    w1z, sq = tempnet_first_layer_logits_free(hidden.cuda(), weight.cuda(), w1.cuda(), V)
+    assert rel_err(w1z.cpu().double(), z @ w1[:, :V].double().t()) < 1e-4
+    assert rel_err(sq.cpu().double(), (z * z).sum(1)) < 1e-4

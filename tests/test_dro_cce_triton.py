@@ -1,4 +1,4 @@
-"""The Triton kernels of tempnet_kernels.dro_cce, run on CPU by Triton's interpreter.
+"""The Triton forward kernel of tempnet_kernels.dro_cce, run on CPU by Triton's interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, so the checks run in a child process
 (this file run as a script); the variable never leaks into the pytest process. Shapes are tiny because
@@ -33,7 +33,7 @@ def _child_checks():
         out[f"fp32_{name}_padded_dC_zero"] = float(got[2][V:].abs().max())
     hidden, weight, targets, tau, up = make_inputs(N=16, V=37, V_pad=40, D=16)
     # one tensor-parallel rank's view: rows 20..39 of a 37-word vocabulary (17 valid + 3 padding), targets
-    # partly elsewhere; the per-shard statistics and partial gradients of both implementations agree
+    # partly elsewhere; the per-shard statistics of both implementations agree
     import tempnet_kernels._dro_cce_triton as tk
     from tempnet_kernels import dro_cce
 
@@ -45,11 +45,6 @@ def _child_checks():
     st_to = dro_cce._torch_forward_stats(E, C, inv_tau, tl_, 17, 7)
     for k, x, y in zip(("m", "l", "a", "zy"), st_tr, st_to):
         out[f"shard_{k}"] = rel_err(x, y)
-    lse = st_to[0] + torch.log(st_to[1])
-    gs = torch.where(targets != -100, up.float(), torch.zeros(()))
-    g_tr = tk.backward(E, C, inv_tau, lse, gs, tl_, 17, None, True, True)
-    g_to = dro_cce._torch_backward(E, C, inv_tau, lse, gs, tl_, 17, 7, None, True, True)
-    out["shard_dE"], out["shard_dC"] = rel_err(g_tr[0], g_to[0]), rel_err(g_tr[1], g_to[1])
     out["empty_shard_l"] = float(tk.forward_stats(E, C, inv_tau, tl_, 0)[1].abs().max())
     # 16-bit inputs against the torch path (same inputs, fp32 accumulation in both)
     for dt in (torch.float16, torch.bfloat16):
@@ -57,17 +52,6 @@ def _child_checks():
         b = run_fused(hidden, weight, targets, tau, rho, 37, up, dtype=dt, impl="torch")
         for k, x, y in zip(("loss", "dE", "dC", "dtau"), a, b):
             out[f"{str(dt)[6:]}_{k}"] = rel_err(x, y)
-    # filtering: eps = 0 changes nothing; a small eps keeps loss and dtau exact
-    base = run_fused(hidden, weight, targets, tau, rho, 37, up, impl="triton")
-    f0 = run_fused(hidden, weight, targets, tau, rho, 37, up, impl="triton", filter_eps=0.0)
-    # peaked distributions over 300 words: many 16 x 16 tiles have every |p - onehot| below eps
-    h3, w3, t3, tau3, up3 = make_inputs(N=16, V=300, V_pad=320, D=16, tau_range=(0.2, 0.5))
-    f1 = run_fused(h3 * 3, w3, t3, tau3, rho, 300, up3, impl="triton", filter_eps=1e-6)
-    b1 = run_fused(h3 * 3, w3, t3, tau3, rho, 300, up3, impl="triton")
-    out["filter0_max_diff"] = max(float((x - y).abs().max()) for x, y in zip(f0, base))
-    out["filter_loss_dtau_diff"] = max(float((f1[i] - b1[i]).abs().max()) for i in (0, 3))
-    out["filter_dE"] = rel_err(f1[1], b1[1])
-    out["filter_dC"] = rel_err(f1[2], b1[2])
     # impl="auto" on CPU tensors takes the torch path even with the interpreter on
     auto = run_fused(hidden, weight, targets, tau, rho, 37, up, impl="auto")
     out["auto_is_torch"] = max(float((x - y).abs().max()) for x, y in zip(
@@ -90,7 +74,7 @@ def test_triton_interpreter_fp32_matches_reference(interp_results):
         for k in ("loss", "dE", "dC", "dtau"):
             assert interp_results[f"fp32_{case}_{k}"] < 1e-5, (case, k, interp_results)
         assert interp_results[f"fp32_{case}_padded_dC_zero"] == 0.0
-    for k in ("m", "l", "a", "zy", "dE", "dC"):
+    for k in ("m", "l", "a", "zy"):
         assert interp_results[f"shard_{k}"] < 1e-5, (k, interp_results)
     assert interp_results["empty_shard_l"] == 0.0
 
@@ -102,12 +86,8 @@ def test_triton_interpreter_16bit_matches_torch_path(interp_results):
         assert interp_results[f"{dt}_dE"] < tol and interp_results[f"{dt}_dC"] < tol, interp_results
 
 
-def test_triton_interpreter_filtering(interp_results):
+def test_auto_takes_the_torch_path_on_cpu_tensors(interp_results):
     pytest.importorskip("triton")
-    assert interp_results["filter0_max_diff"] == 0.0
-    assert interp_results["filter_loss_dtau_diff"] == 0.0
-    assert interp_results["filter_dE"] < 1e-4 and interp_results["filter_dC"] < 1e-4
-    assert interp_results["filter_dC"] > 0  # some tiles were skipped
     assert interp_results["auto_is_torch"] == 0.0
 
 
