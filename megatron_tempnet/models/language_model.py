@@ -157,7 +157,9 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtyp
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         calculate_per_token_loss=True,  # the loss is the mean over all tokens of the global batch
-        bias_dropout_fusion=False,
+        # megatron-core's jit-fused bias + activation / bias + dropout kernels on GPUs; plain ops on a CPU.
+        bias_activation_fusion=platform.use_cuda(),
+        bias_dropout_fusion=platform.use_cuda(),
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

@@ -44,6 +44,7 @@ def build_model_chunks(cfg: Config, *, wrap_ddp: bool = True) -> List[torch.nn.M
             vp_stage=stage, use_transformer_engine=te,
         )
         model.to(platform.device())
+        _lm_parameters_to(model, dtype)
         if cfg.train.mode == "frozen_lm":
             for name, p in model.named_parameters():
                 p.requires_grad_(getattr(p, "is_tempnet_parameter", False))
@@ -60,6 +61,15 @@ def build_model_chunks(cfg: Config, *, wrap_ddp: bool = True) -> List[torch.nn.M
                                 disable_bucketing=(i > 0))
         for i, chunk in enumerate(chunks)
     ]
+
+
+def _lm_parameters_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """megatron-core's local spec builds its norms with torch's default fp32 weights whatever params_dtype
+    says, and 16-bit activations then miss torch's fused norm kernels. Cast every LM parameter to
+    params_dtype; TempNet's stay fp32 (see models/tempnet.py)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not getattr(p, "is_tempnet_parameter", False):
+            p.data = p.data.to(dtype)
 
 
 def unwrap(model: torch.nn.Module) -> TempNetGPTModel:
