@@ -53,7 +53,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = False  # switched on for 16-bit training with TempNet (loop.resolve_distributed_optimizer)
     distributed_backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl", "gloo"
     distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails, naming the operation
 

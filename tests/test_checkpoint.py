@@ -109,6 +109,21 @@ def test_distributed_optimizer_resume_is_exact(tmp_path):
     torch.testing.assert_close(torch.tensor(other), torch.tensor(s[N // 2:]), atol=1e-5, rtol=0)
 
 
+def test_bf16_with_fp32_tempnet_resume_is_exact(tmp_path):
+    """16-bit LM weights next to TempNet's fp32 ones (the GPU setting, run here in bf16 on a CPU): the run takes
+    the distributed optimizer by itself, since megatron-core's plain bf16 optimizer cannot checkpoint the mix,
+    and resumes bit for bit."""
+    kw = dict(train__precision="bf16")
+    straight = _cfg("gpt", str(tmp_path / "straight"), N, **kw)
+    first = _cfg("gpt", str(tmp_path / "split"), N // 2, **kw)
+    resumed = _cfg("gpt", str(tmp_path / "split"), N, checkpoint__load=str(tmp_path / "split"), **kw)
+    s, f, r = spawn(_runs, 1, [straight, first, resumed])[0]
+    assert f + r == s
+    from megatron_tempnet.training.checkpointing import read_info
+
+    assert read_info(tmp_path / "split" / f"iter_{N:07d}")["config"]["parallel"]["use_distributed_optimizer"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bad input: clear errors, no process group needed
 # ------------------------------------------------------------------------------------------------------

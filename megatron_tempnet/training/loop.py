@@ -14,7 +14,7 @@ from ..config import Config, ConfigError
 from .attention_transfer import attach_teacher
 from .batches import MockTokens, micro_batches
 from .signals import StopConditions
-from .model_setup import build_model_chunks
+from .model_setup import build_model_chunks, params_dtype
 from .optim import build_optimizer, build_scheduler
 from .step import evaluate, train_step
 from .tracker import RunLogger
@@ -83,9 +83,19 @@ def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int)
     ]
 
 
+def resolve_distributed_optimizer(cfg: Config) -> None:
+    """16-bit training with TempNet takes megatron-core's distributed optimizer. TempNet keeps fp32 weights
+    (models/tempnet.py); megatron-core's plain bf16/fp16 optimizer steps such a mix of 16-bit and fp32
+    parameters but cannot checkpoint it (its sharded state dict takes every parameter to be 16-bit), while the
+    distributed optimizer handles both. On one data-parallel rank it is the same optimizer, unsharded."""
+    if cfg.tempnet.enabled and params_dtype(cfg) != torch.float32 and not cfg.parallel.use_distributed_optimizer:
+        cfg.parallel.use_distributed_optimizer = True
+
+
 def setup_run(cfg: Config):
     """Process groups, model chunks (DDP-wrapped), optimizer and scheduler for this rank."""
     resolve_vocab_size(cfg)
+    resolve_distributed_optimizer(cfg)
     p = cfg.parallel
     platform.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
