@@ -11,6 +11,7 @@ MFU = tokens/s x FLOPs per token / peak FLOP/s of the device. FLOPs per token (t
 (megatron_tempnet/training/tracker.py: flops_per_token). Peak: dense BF16 by device name (H100/H200: 989 TFLOP/s),
 doubled for FP8. On a CPU no peak is known and MFU is not printed.
 
+Any other flag is a training flag applied to every row of our stack (e.g. `--micro-batch-size 8`).
 Rows run one after another in this process, single rank (TP = PP = DP = 1), on synthetic tokens, timing
 `--steps` steps after `--warmup` steps (median step time). TempNet's overhead is reported as its step time over the baseline's
 with the same loss implementation.
@@ -18,6 +19,7 @@ with the same loss implementation.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -56,7 +58,7 @@ def _stack_config(args, tempnet: bool, loss_impl: str, fp8: bool):
         argv += ["--precision", args.precision]
     if fp8:
         argv += ["--fp8-format", "hybrid"]
-    cfg, _ = load_config(argv)
+    cfg, _ = load_config(argv + args.training_flags)
     return cfg
 
 
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--fp8", action="store_true", help="also FP8 rows (GPU + Transformer Engine)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    args = p.parse_args(argv)
+    args, args.training_flags = p.parse_known_args(argv)  # the rest are training flags, e.g. --micro-batch-size 8
 
     from megatron_tempnet import platform
     from megatron_tempnet.data.cli import quiet_megatron_import_warnings
@@ -141,6 +143,9 @@ def main(argv=None) -> None:
         for tempnet, impl in ((False, "reference"), (False, "fused"), (True, "reference"), (True, "fused")):
             rows.append(time_our_stack(args, tempnet, impl, fp8))
             print(json.dumps(rows[-1]), flush=True)
+            gc.collect()  # free this row's model and optimizer before the next row builds its own
+            if platform.use_cuda():
+                torch.cuda.empty_cache()
     base = {r["loss_impl"]: r["step_s"] for r in rows if not r["tempnet"] and not r["precision"].startswith("fp8")}
     for r in rows:
         if r["tempnet"] and not r["precision"].startswith("fp8"):
