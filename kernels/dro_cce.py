@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,8 @@ __all__ = [
     "linear_dro_cross_entropy",
     "vocab_parallel_logit_max",
     "tempnet_first_layer_logits_free",
+    "classifier_statistics",
+    "ClassifierStatistics",
     "DEFAULT_CHUNK_SIZE",
     "default_chunk_size",
 ]
@@ -469,46 +471,84 @@ def vocab_parallel_logit_max(
     return mx.view(lead)
 
 
-class _AllReduceSumIdentityBackward(torch.autograd.Function):
-    """Sum a partial tensor over the group; backward passes the (replicated) gradient through."""
+class ClassifierStatistics(NamedTuple):
+    """Products of TempNet's W1 and the classifier C that the logits-free input needs, summed over the
+    vocabulary-parallel group, fp32, no gradient. They depend on the weights only, so one set serves every
+    micro-batch of an optimizer step."""
 
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    w1c: torch.Tensor  # [d, D] W1[:, :V] C[:V]
+    gram: torch.Tensor  # [D, D] C^T C over the true vocabulary
+    csum: torch.Tensor  # [D] the sum of C's rows
+    w1_rowsum: torch.Tensor  # [d] W1 1 over the true vocabulary
 
 
-class _ProjectThroughClassifier(torch.autograd.Function):
-    """W1C = w1[:, :n] @ C[:n] in fp32, chunked over the vocabulary; grad only for w1 (C is detached).
+@torch.no_grad()
+def classifier_statistics(
+    weight: torch.Tensor,
+    w1_shard: torch.Tensor,
+    vocab_size: int,
+    vocab_start_index: int = 0,
+    tp_group: Optional["dist.ProcessGroup"] = None,
+    *,
+    chunk_size: int = 4096,
+) -> ClassifierStatistics:
+    """W1 C, C^T C, sum of C's rows and W1 1 over the true vocabulary, chunked; one all-reduce under TP.
 
-    Backward: dw1[:, :n] = dW1C @ C[:n]^T, chunked; padded columns get zero gradient.
+    weight: [V_local, D] this rank's classifier rows; w1_shard: [d, V_local] TempNet's W1 columns for them.
+    16-bit weights on a GPU multiply on the tensor cores (exact products, fp32 sums); the rest in fp32.
+    """
+    _check_common(weight.new_empty(1, weight.shape[1]), weight, vocab_size, vocab_start_index, tp_group, chunk_size)
+    if w1_shard.dim() != 2 or w1_shard.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"w1_shard must be [d, V_local] with V_local = weight.shape[0] = {weight.shape[0]}, "
+            f"got {tuple(w1_shard.shape)}"
+        )
+    if w1_shard.device != weight.device:
+        raise ValueError(f"w1_shard is on {w1_shard.device} but weight is on {weight.device}")
+    n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
+    d, D = w1_shard.shape[0], weight.shape[1]
+    f32 = dict(dtype=torch.float32, device=weight.device)
+    w1c, gram, csum = torch.zeros(d, D, **f32), torch.zeros(D, D, **f32), torch.zeros(D, **f32)
+    for c0 in range(0, n_valid, chunk_size):
+        c1 = min(c0 + chunk_size, n_valid)
+        w1c.addmm_(w1_shard[:, c0:c1].float(), weight[c0:c1].float())
+        Ct = _operand(weight[c0:c1].t())  # [D, c]
+        gram += _chunk_logits(Ct, Ct)  # C_c^T C_c
+        csum += Ct.float().sum(1)
+    w1_rowsum = w1_shard[:, :n_valid].float().sum(1)
+    packed = torch.cat([w1c.reshape(-1), gram.reshape(-1), csum, w1_rowsum])
+    if _tp_size(tp_group) > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+    w1c, gram, csum, w1_rowsum = torch.split(packed, [d * D, D * D, D, d])
+    return ClassifierStatistics(w1c.view(d, D), gram.view(D, D), csum, w1_rowsum)
+
+
+class _W1Products(torch.autograd.Function):
+    """Gives the precomputed (W1 C, W1 1) a gradient path to this rank's W1 columns (C is detached).
+
+    Backward: dW1[:, :n] = dW1C C[:n]^T + dW1_1 (broadcast), chunked; padded columns get zero. Under TP the
+    forward values are already summed over the group and each rank's columns get their own gradient.
     """
 
     @staticmethod
-    def forward(ctx, w1, weight, n_valid, chunk):
-        out = torch.zeros(w1.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device)
-        for c0 in range(0, n_valid, chunk):
-            c1 = min(c0 + chunk, n_valid)
-            out.addmm_(w1[:, c0:c1].float(), weight[c0:c1].float())
+    def forward(ctx, w1, weight, w1c, w1_rowsum, n_valid, chunk):
         ctx.save_for_backward(weight)
         ctx.n_valid, ctx.chunk, ctx.w1_shape, ctx.w1_dtype = n_valid, chunk, w1.shape, w1.dtype
-        return out
+        return w1c.clone(), w1_rowsum.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g_w1c, g_rowsum):
         (weight,) = ctx.saved_tensors
-        dw1 = torch.zeros(ctx.w1_shape, dtype=ctx.w1_dtype, device=g.device)
-        g = g.float()
-        for c0 in range(0, ctx.n_valid, ctx.chunk):
-            c1 = min(c0 + ctx.chunk, ctx.n_valid)
-            dw1[:, c0:c1] = (g @ weight[c0:c1].float().t()).to(ctx.w1_dtype)
-        return dw1, None, None, None
+        dw1 = torch.zeros(ctx.w1_shape, dtype=torch.float32, device=weight.device)
+        if g_w1c is not None:
+            g = g_w1c.float()
+            for c0 in range(0, ctx.n_valid, ctx.chunk):
+                c1 = min(c0 + ctx.chunk, ctx.n_valid)
+                dw1[:, c0:c1] = g @ weight[c0:c1].float().t()
+        if g_rowsum is not None:
+            dw1[:, :ctx.n_valid] += g_rowsum.float().unsqueeze(1)
+        return dw1.to(ctx.w1_dtype), None, None, None, None, None
 
 
 def tempnet_first_layer_logits_free(
@@ -521,14 +561,14 @@ def tempnet_first_layer_logits_free(
     *,
     shift: Optional[torch.Tensor] = None,
     chunk_size: int = 4096,
+    stats: Optional[ClassifierStatistics] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """TempNet's first layer on the logits without the logits: returns (W1 z' [..., d], ||z'||^2 [...]).
 
     z = hidden @ C^T over the true vocabulary (all ranks), z' = z - shift (per token; shift=None means 0,
     the GPT-2 variant; pass ``vocab_parallel_logit_max(...)`` for the LLaMA max-shift variant). Uses
-    W1 z = (W1 C) e and ||z||^2 = e^T (C^T C) e: a d x D and a D x D matrix per step, summed over the
-    vocabulary-parallel group with one all-reduce. The TempNet input x = z'/||z'|| is then
-    ``W1x = out / sq.sqrt().unsqueeze(-1)``.
+    W1 z = (W1 C) e and ||z||^2 = e^T (C^T C) e (``classifier_statistics``: a d x D and a D x D matrix). The
+    TempNet input x = z'/||z'|| is then ``W1x = out / sq.sqrt().unsqueeze(-1)``.
 
     Args:
         hidden, weight: as in linear_dro_cross_entropy; both are treated as detached (TempNet never sends
@@ -536,54 +576,30 @@ def tempnet_first_layer_logits_free(
         w1_shard: [d, V_local] the columns of TempNet's W1 for this rank's vocabulary rows; gets gradient
             (under TP each rank gets the gradient of its own columns; padded columns get zero).
         shift: optional [...] per-token shift (no grad).
+        stats: ``classifier_statistics`` of these very weights, to reuse across micro-batches; None computes them.
     Math in fp32. ``||z'||^2`` with a shift is formed as ||z||^2 - 2 m sum(z) + m^2 V, which loses relative
     precision when the logits are nearly constant across the vocabulary.
     """
     _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
-    if w1_shard.dim() != 2 or w1_shard.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"w1_shard must be [d, V_local] with V_local = weight.shape[0] = {weight.shape[0]}, "
-            f"got {tuple(w1_shard.shape)}"
-        )
-    if w1_shard.device != weight.device:
-        raise ValueError(f"w1_shard is on {w1_shard.device} but weight is on {weight.device}")
     lead = hidden.shape[:-1]
-    E32 = hidden.detach().reshape(-1, hidden.shape[-1]).float()
     if shift is not None and tuple(shift.shape) != tuple(lead):
         raise ValueError(f"shift shape {tuple(shift.shape)} must equal hidden's leading shape {tuple(lead)}")
     Cd = weight.detach()
+    if stats is None:
+        stats = classifier_statistics(Cd, w1_shard.detach(), vocab_size, vocab_start_index, tp_group,
+                                      chunk_size=chunk_size)
     n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
-    d, D = w1_shard.shape[0], weight.shape[1]
-
-    w1c = _ProjectThroughClassifier.apply(w1_shard, Cd, n_valid, chunk_size)  # [d, D], grad -> w1
-    with torch.no_grad():
-        gram = torch.zeros(D, D, dtype=torch.float32, device=weight.device)
-        csum = torch.zeros(1, D, dtype=torch.float32, device=weight.device)
-        for c0 in range(0, n_valid, chunk_size):
-            # 16-bit weights on a GPU: exact products on the tensor cores, summed in fp32.
-            Ct = _operand(Cd[c0:min(c0 + chunk_size, n_valid)].t())  # [D, c]
-            gram += _chunk_logits(Ct, Ct)  # C_c^T C_c
-            csum += Ct.float().sum(1).unsqueeze(0)
-    # One all-reduce for everything (w1c keeps its autograd path; the rest are constants or w1 row sums).
-    parts = [w1c.reshape(-1), gram.reshape(-1), csum.reshape(-1)]
-    if shift is not None:
-        parts.append(w1_shard[:, :n_valid].float().sum(1))  # W1 1 over the valid vocabulary, grad -> w1
-    packed = torch.cat(parts)
-    if _tp_size(tp_group) > 1:
-        packed = _AllReduceSumIdentityBackward.apply(packed, tp_group)
-    w1c, gram, csum, w1_rowsum = torch.split(packed, [d * D, D * D, D, d if shift is not None else 0])
-    w1c, gram = w1c.view(d, D), gram.view(D, D)
-
+    w1c, w1_rowsum = _W1Products.apply(w1_shard, Cd, stats.w1c, stats.w1_rowsum, n_valid, chunk_size)
+    E32 = hidden.detach().reshape(-1, hidden.shape[-1]).float()
     w1z = E32 @ w1c.t()  # [N, d]
     with torch.no_grad():
         sq = torch.empty(E32.shape[0], dtype=torch.float32, device=E32.device)
         for i0 in range(0, E32.shape[0], chunk_size):
             Ei = E32[i0:i0 + chunk_size]
-            sq[i0:i0 + chunk_size] = ((Ei @ gram) * Ei).sum(1)
+            sq[i0:i0 + chunk_size] = ((Ei @ stats.gram) * Ei).sum(1)
         if shift is not None:
             m = shift.reshape(-1).float().detach()
-            zsum = E32 @ csum
-            sq = sq - 2.0 * m * zsum + m * m * float(vocab_size)
+            sq = sq - 2.0 * m * (E32 @ stats.csum) + m * m * float(vocab_size)
     if shift is not None:
         w1z = w1z - shift.reshape(-1, 1).float().detach() * w1_rowsum.unsqueeze(0)
-    return w1z.view(*lead, d), sq.view(lead)
+    return w1z.view(*lead, w1z.shape[-1]), sq.view(lead)

@@ -16,21 +16,23 @@ excluded (their logits count as 0).
 Two ways to get the first layer, with the same result:
 - `forward(logits_shard)` from materialised vocabulary-parallel logits;
 - `forward_from_hidden(hidden, output_weight_shard)` without logits: W1 z = (W1 C) e and
-  ||z||^2 = e^T (C^T C) e, with e the final hidden state and C the output weight. Cost per step: a d x D
-  and a D x D matrix instead of N x V logits (tempnet_kernels.dro_cce.tempnet_first_layer_logits_free).
+  ||z||^2 = e^T (C^T C) e, with e the final hidden state and C the output weight. Cost: a d x D and a D x D
+  matrix instead of N x V logits (tempnet_kernels.dro_cce.tempnet_first_layer_logits_free), computed once per
+  optimizer step for all its micro-batches (`reuse_classifier_statistics`, entered by the training step).
 
 Every parameter carries `is_tempnet_parameter = True`, so the optimizer can give TempNet its own learning rate.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from tempnet_kernels.dro_cce import tempnet_first_layer_logits_free
+from tempnet_kernels.dro_cce import classifier_statistics, tempnet_first_layer_logits_free
 
 from ..config import TempNetConfig
 
@@ -79,6 +81,9 @@ class TempNet(torch.nn.Module):
         self.dropout = torch.nn.Dropout(cfg.dropout)
         for p in self.parameters():
             p.is_tempnet_parameter = True
+        # W1 C, C^T C, ... of the current weights, shared by the micro-batches of one step (None: off);
+        # see reuse_classifier_statistics.
+        self._statistics_cache: Optional[dict] = None
 
     # -- first layer -------------------------------------------------------------------------------------
 
@@ -105,10 +110,16 @@ class TempNet(torch.nn.Module):
         rank's rows of C; logit_max: [...] global max_k z_k, needed by the max_shifted variant."""
         if self.input_variant == "max_shifted" and logit_max is None:
             raise ValueError("the max_shifted TempNet input needs the per-token logit max (logit_max)")
+        group = parallel_state.get_tensor_model_parallel_group()
+        stats = None
+        if self._statistics_cache is not None:
+            if "stats" not in self._statistics_cache:
+                self._statistics_cache["stats"] = classifier_statistics(
+                    output_weight.detach(), self.w1.detach(), self.vocab_size, self.vocab_start, group)
+            stats = self._statistics_cache["stats"]
         w1z, sq_norm = tempnet_first_layer_logits_free(
-            hidden, output_weight, self.w1, self.vocab_size, self.vocab_start,
-            parallel_state.get_tensor_model_parallel_group(),
-            shift=logit_max if self.input_variant == "max_shifted" else None)
+            hidden, output_weight, self.w1, self.vocab_size, self.vocab_start, group,
+            shift=logit_max if self.input_variant == "max_shifted" else None, stats=stats)
         return self.head(w1z, sq_norm)
 
     # -- the rest (replicated on every TP rank) ----------------------------------------------------------
@@ -120,6 +131,21 @@ class TempNet(torch.nn.Module):
         w = F.softmax(h / self.log_scale.exp(), dim=-1)
         score = self.last((w - 1.0 / self.hidden_size) * h).squeeze(-1)
         return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(score)
+
+
+@contextlib.contextmanager
+def reuse_classifier_statistics(tempnets: Iterable[TempNet]) -> Iterator[None]:
+    """Inside, each TempNet's logits-free input computes W1 C and C^T C once and reuses them for every
+    micro-batch: they depend on the weights only, and the weights do not change within one schedule run
+    (forward and backward of all micro-batches, before the optimizer step). Leave before the weights change."""
+    tempnets = list(tempnets)
+    for t in tempnets:
+        t._statistics_cache = {}
+    try:
+        yield
+    finally:
+        for t in tempnets:
+            t._statistics_cache = None
 
 
 def vocab_parallel_max(z_shard: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .. import platform
 from ..config import Config
 from ..models.language_model import LMOutput
+from ..models.tempnet import TempNet, reuse_classifier_statistics
 from . import attention_transfer
 from .batches import Batch
 from .model_setup import unwrap
@@ -95,15 +96,17 @@ def metrics_from_stats(stats: torch.Tensor) -> dict:
 def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, forward_only: bool) -> list:
     # attention transfer with PP > 1: the teacher's pipeline pass over the same micro-batches comes first
     data_iterators = attention_transfer.run_teacher_pipeline(cfg, model, data_iterators, _num_microbatches(cfg))
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
-        model=model,
-        num_microbatches=_num_microbatches(cfg),
-        seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=forward_only,
-    )
+    tempnets = [t for t in (unwrap(chunk).tempnet for chunk in model) if isinstance(t, TempNet)]
+    with reuse_classifier_statistics(tempnets):  # the weights are fixed until the optimizer step
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+            model=model,
+            num_microbatches=_num_microbatches(cfg),
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
 
 
 def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, data_iterators) -> dict:
