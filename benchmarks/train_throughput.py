@@ -12,9 +12,10 @@ MFU = tokens/s x FLOPs per token / peak FLOP/s of the device. FLOPs per token (t
 doubled for FP8. On a CPU no peak is known and MFU is not printed.
 
 Any other flag is a training flag applied to every row of our stack (e.g. `--micro-batch-size 8`).
-Rows run one after another in this process, single rank (TP = PP = DP = 1), on synthetic tokens, timing
-`--steps` steps after `--warmup` steps (median step time). TempNet's overhead is reported as its step time over the baseline's
-with the same loss implementation.
+Rows run in this process, single rank (TP = PP = DP = 1), on synthetic tokens, timing `--steps` steps after
+`--warmup` steps (median step time). On a CPU the stacks' steps take turns, so that drift on the machine falls on
+every row alike; a GPU times one stack after another (four large models do not fit). TempNet's overhead is
+reported as its step time over the baseline's with the same loss implementation.
 """
 from __future__ import annotations
 
@@ -24,26 +25,30 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def median_step_seconds(step, warmup: int, steps: int) -> float:
-    """Median wall time of `steps` calls of step() after `warmup` calls (the median shrugs off the odd
-    slow step from a busy machine)."""
+def median_step_seconds(step_fns, warmup: int, steps: int) -> list:
+    """Median wall time of `steps` calls of each step function after `warmup` calls. The functions take turns
+    step by step, so that a machine's drift (other load, clocks) falls on every row alike; the median shrugs off
+    the odd slow step."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
+    for step in step_fns:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in step_fns]
     for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for step, ts in zip(step_fns, times):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def _stack_config(args, tempnet: bool, loss_impl: str, fp8: bool):
@@ -62,31 +67,38 @@ def _stack_config(args, tempnet: bool, loss_impl: str, fp8: bool):
     return cfg
 
 
-def time_our_stack(args, tempnet: bool, loss_impl: str, fp8: bool = False) -> dict:
+def time_our_stack(args, rows: list) -> list:
+    """One result per (tempnet, loss_impl, fp8) in rows, their steps interleaved (see median_step_seconds)."""
     from megatron_tempnet import platform
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
     from megatron_tempnet.training.step import train_step
     from megatron_tempnet.training.tracker import flops_per_token, peak_flops
 
-    cfg = _stack_config(args, tempnet, loss_impl, fp8)
-    model, optimizer, scheduler = setup_run(cfg)
-    iters = data_iterators(cfg, build_datasets(cfg)[0], 0, len(model))
+    stacks = []
+    for tempnet, loss_impl, fp8 in rows:
+        cfg = _stack_config(args, tempnet, loss_impl, fp8)
+        model, optimizer, scheduler = setup_run(cfg)
+        iters = data_iterators(cfg, build_datasets(cfg)[0], 0, len(model))
+        stacks.append((cfg, model, partial(train_step, cfg, model, optimizer, scheduler, iters)))
     if platform.use_cuda():
         torch.cuda.reset_peak_memory_stats()
-    seconds = median_step_seconds(lambda: train_step(cfg, model, optimizer, scheduler, iters), args.warmup, args.steps)
-    tokens = cfg.train.global_batch_size * cfg.model.seq_length
-    row = {
-        "stack": "megatron-tempnet", "tempnet": tempnet, "loss_impl": model[0].module.loss_impl,
-        "precision": "fp8-hybrid" if fp8 else str(model[0].module.config.params_dtype).replace("torch.", ""),
-        "device": torch.cuda.get_device_name() if platform.use_cuda() else "cpu",
-        "step_s": round(seconds, 5), "tokens_per_s": round(tokens / seconds, 1),
-        "tflops_per_device": round(tokens / seconds * flops_per_token(cfg) / 1e12, 4),
-    }
-    peak = peak_flops(fp8)
-    if peak:
-        row["mfu"] = round(tokens / seconds * flops_per_token(cfg) / peak, 4)
-        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return row
+    seconds = median_step_seconds([step for _, _, step in stacks], args.warmup, args.steps)
+    results = []
+    for (tempnet, _, fp8), (cfg, model, _), sec in zip(rows, stacks, seconds):
+        tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        row = {
+            "stack": "megatron-tempnet", "tempnet": tempnet, "loss_impl": model[0].module.loss_impl,
+            "precision": "fp8-hybrid" if fp8 else str(model[0].module.config.params_dtype).replace("torch.", ""),
+            "device": torch.cuda.get_device_name() if platform.use_cuda() else "cpu",
+            "step_s": round(sec, 5), "tokens_per_s": round(tokens / sec, 1),
+            "tflops_per_device": round(tokens / sec * flops_per_token(cfg) / 1e12, 4),
+        }
+        peak = peak_flops(fp8)
+        if peak:
+            row["mfu"] = round(tokens / sec * flops_per_token(cfg) / peak, 4)
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results.append(row)
+    return results
 
 
 def time_transformers_loop(args) -> dict:
@@ -117,7 +129,7 @@ def time_transformers_loop(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         opt.step()
 
-    seconds = median_step_seconds(step, args.warmup, args.steps)
+    (seconds,) = median_step_seconds([step], args.warmup, args.steps)
     tokens = t.global_batch_size * m.seq_length
     return {"stack": "transformers-loop", "tempnet": False, "loss_impl": "hf", "precision": "float32",
             "device": "cpu", "step_s": round(seconds, 5), "tokens_per_s": round(tokens / seconds, 1)}
@@ -138,14 +150,19 @@ def main(argv=None) -> None:
 
     quiet_megatron_import_warnings()
     os.environ.setdefault("MASTER_PORT", "29531")
-    rows = []
-    for fp8 in ([False, True] if args.fp8 else [False]):
-        for tempnet, impl in ((False, "reference"), (False, "fused"), (True, "reference"), (True, "fused")):
-            rows.append(time_our_stack(args, tempnet, impl, fp8))
+    specs = [(tempnet, impl, fp8) for fp8 in ([False, True] if args.fp8 else [False])
+             for tempnet, impl in ((False, "reference"), (False, "fused"), (True, "reference"), (True, "fused"))]
+    if platform.use_cuda():  # one stack at a time: a GPU holds one large model's training state, not four
+        rows = []
+        for spec in specs:
+            rows += time_our_stack(args, [spec])
             print(json.dumps(rows[-1]), flush=True)
             gc.collect()  # free this row's model and optimizer before the next row builds its own
-            if platform.use_cuda():
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
+    else:  # all stacks at once, their steps interleaved
+        rows = time_our_stack(args, specs)
+        for row in rows:
+            print(json.dumps(row), flush=True)
     base = {r["loss_impl"]: r["step_s"] for r in rows if not r["tempnet"] and not r["precision"].startswith("fp8")}
     for r in rows:
         if r["tempnet"] and not r["precision"].startswith("fp8"):
