@@ -39,6 +39,7 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks._shared import git_commit  # noqa: E402
 
 DEFAULT_PREFIX = os.path.join(REPO, "benchmarks", "results", "adaptive_decoder")
 
@@ -152,16 +153,6 @@ def picture(lm, head, prompts, path_prefix, seed) -> None:
     render_png(tokens[:-1], temps[:-1], path_prefix + ".png", vmin=lo, vmax=hi, width=720, title=title)
 
 
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     import warnings
@@ -230,9 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"fixed temperature ({best_fixed_name}: {best_fixed:.3f}); mean temperature "
                         f"{v['tau_deterministic']:.2f} on the deterministic prompts and {v['tau_varied']:.2f} on the "
                         f"varied ones ({'lower on the deterministic ones' if low_high else 'NOT lower on the deterministic ones'}).")
-    md = [f"# Adaptive Decoder vs fixed temperatures on the built-in task mixture\n",
+    md = ["# Adaptive Decoder vs fixed temperatures on the built-in task mixture\n",
           f"`python benchmarks/adaptive_decoder.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {_git_commit()}, {time.perf_counter() - t0:.0f} s "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {git_commit()}, {time.perf_counter() - t0:.0f} s "
           f"(LM {timings['lm_s']:.0f} s; " + ", ".join(f"LPO {m} {timings[f'lpo_{m}_s']:.0f} s" for m in args.modes)
           + f"; {args.threads} thread, 2-core machine shared with other jobs)\n",
           *verdicts, "",

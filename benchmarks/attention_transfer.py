@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform as py_platform
 import shlex
@@ -51,6 +50,7 @@ from typing import List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks._shared import git_commit, single_rank_worker  # noqa: E402
 
 DEFAULT_OUTPUT_PREFIX = os.path.join(REPO, "benchmarks", "results", "attention_transfer")
 DEFAULT_WORK_DIR = os.path.join(REPO, "runs", "attention_transfer")
@@ -243,30 +243,6 @@ def train_run(spec: dict) -> dict:
     }
 
 
-def _worker_main(spec_path: str, out_path: str) -> int:
-    """A fresh process for one run: a 1-rank gloo group on a free port."""
-    import socket
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    with open(spec_path) as f:
-        spec = json.load(f)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_tempnet import platform
-
-    try:
-        row = train_run(spec)
-    finally:
-        platform.destroy_distributed()
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(row, f)
-    os.replace(out_path + ".tmp", out_path)
-    return 0
-
-
 def run_in_processes(specs: List[dict], tmp: str, jobs: int, threads: Optional[int] = None) -> List[dict]:
     """Each spec in a fresh process, `jobs` at a time, each with `threads` torch threads (default: its share of
     the CPU cores)."""
@@ -371,19 +347,10 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        return _worker_main(argv[1], argv[2])
+        return single_rank_worker(argv[1], argv[2], train_run)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("gpt", "llama"), default="gpt")
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu-small")
@@ -434,7 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "settings": s, "vocab_size": data["vocab_size"], "data": data["description"],
         "command": "python benchmarks/attention_transfer.py " + shlex.join(argv),
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": _git_commit(),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
         "host": f"{py_platform.machine()}, {os.cpu_count()} CPU cores, no GPU" if not _cuda() else "GPU",
         "wall_s": time.time() - t_start, "load": os.getloadavg()[0], "jobs": args.jobs,
         "png": args.output_prefix + ".png", "jsonl": args.output_prefix + ".jsonl",

@@ -68,6 +68,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks._shared import git_commit, single_rank_worker  # noqa: E402
 
 DEFAULT_OUTPUT_PREFIX = os.path.join(REPO, "benchmarks", "results", "tempnet_ablation")
 DEFAULT_WORK_DIR = os.path.join(REPO, "runs", "tempnet_ablation")
@@ -503,34 +504,6 @@ def train_arm(spec: dict) -> dict:
     return row
 
 
-def _worker_main(spec_path: str, out_path: str) -> int:
-    """Entry of the fresh process that trains one (arm, seed): a 1-rank gloo group on a free port."""
-    import socket
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    with open(spec_path) as f:
-        spec = json.load(f)
-    import torch
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_tempnet import platform
-
-    try:
-        row = train_arm(spec)
-    finally:
-        platform.destroy_distributed()
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(row, f)
-    os.replace(out_path + ".tmp", out_path)
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Summary: table, verdict, plot
 # ---------------------------------------------------------------------------------------------------------------
@@ -744,18 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        return _worker_main(*args.worker)
+        return single_rank_worker(*args.worker, train_arm)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     vocab_size = args.vocab_size or SCALES[args.scale]["vocab_size"]
@@ -815,7 +780,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python benchmarks/tempnet_ablation.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     meta = {"settings": settings, "data": data, "seeds": args.seeds, "command": command,
-            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": _git_commit(),
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": git_commit(),
             "host": f"{os.cpu_count()} CPU cores" if not _cuda() else _cuda(), "wall_s": wall_s, "jobs": args.jobs,
             "threads": threads, "png": args.output_prefix + ".png",
             "load": (load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")),

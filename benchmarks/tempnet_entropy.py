@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks._shared import git_commit  # noqa: E402
 
 DEFAULT_PREFIX = os.path.join(REPO, "benchmarks", "results", "tempnet_entropy")
 DEFAULT_WORK = os.path.join(REPO, "runs", "tempnet_entropy")
@@ -425,16 +426,6 @@ def _parser():
     return p
 
 
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     import warnings
@@ -479,7 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "vocab_size": vocab, "train_files": data["train_files"], "heldout_files": data["heldout_files"],
            "train_tokens": len(data["train"]), "heldout_tokens": len(data["heldout"]), "spearman_impl": impl,
            "command": "python benchmarks/tempnet_entropy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": _git_commit(),
+           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
            "seconds": time.perf_counter() - t0, "png": png, "previous": previous,
            "binned_medians": {a: binned_medians(measured[a]["H"], measured[a]["tau"]) for a in args.arms}}
     with open(args.output_prefix + ".json", "w") as f:
