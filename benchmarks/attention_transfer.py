@@ -187,8 +187,6 @@ def train_run(spec: dict) -> dict:
     from megatron_tempnet.training.step import evaluate, train_step
 
     s, data, run = spec["settings"], spec["data"], spec["run"]
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     cfg, _ = load_config(run_flags(run, s, data, spec["teacher_dir"]))
     cfg.data.data_cache_path = spec.get("cache_dir")
     resolve_vocab_size(cfg)
