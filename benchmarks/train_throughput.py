@@ -14,7 +14,7 @@ doubled for FP8. On a CPU no peak is known and MFU is not printed.
 Any other flag is a training flag applied to every row of our stack (e.g. `--micro-batch-size 8`).
 Rows run in this process, single rank (TP = PP = DP = 1), on synthetic tokens, timing `--steps` steps after
 `--warmup` steps (median step time). On a CPU the stacks' steps take turns, so that drift on the machine falls on
-every row alike; a GPU times one stack after another (four large models do not fit). TempNet's overhead is
+every row alike (the transformers loop's too); a GPU times one stack after another (four large models do not fit). TempNet's overhead is
 reported as its step time over the baseline's with the same loss implementation.
 """
 from __future__ import annotations
@@ -67,12 +67,10 @@ def _stack_config(args, tempnet: bool, loss_impl: str, fp8: bool):
     return cfg
 
 
-def time_our_stack(args, rows: list) -> list:
-    """One result per (tempnet, loss_impl, fp8) in rows, their steps interleaved (see median_step_seconds)."""
-    from megatron_tempnet import platform
+def build_our_stacks(args, rows: list) -> list:
+    """(cfg, model, step function) for each (tempnet, loss_impl, fp8) in rows."""
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
     from megatron_tempnet.training.step import train_step
-    from megatron_tempnet.training.tracker import flops_per_token, peak_flops
 
     stacks = []
     for tempnet, loss_impl, fp8 in rows:
@@ -80,9 +78,14 @@ def time_our_stack(args, rows: list) -> list:
         model, optimizer, scheduler = setup_run(cfg)
         iters = data_iterators(cfg, build_datasets(cfg)[0], 0, len(model))
         stacks.append((cfg, model, partial(train_step, cfg, model, optimizer, scheduler, iters)))
-    if platform.use_cuda():
-        torch.cuda.reset_peak_memory_stats()
-    seconds = median_step_seconds([step for _, _, step in stacks], args.warmup, args.steps)
+    return stacks
+
+
+def our_rows(rows: list, stacks: list, seconds: list) -> list:
+    """One result row per stack, from its median step time."""
+    from megatron_tempnet import platform
+    from megatron_tempnet.training.tracker import flops_per_token, peak_flops
+
     results = []
     for (tempnet, _, fp8), (cfg, model, _), sec in zip(rows, stacks, seconds):
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
@@ -101,8 +104,9 @@ def time_our_stack(args, rows: list) -> list:
     return results
 
 
-def time_transformers_loop(args) -> dict:
-    """The same tiny LLaMA in a plain transformers + torch.optim.AdamW loop, same batch and sequence length."""
+def transformers_loop(args):
+    """The same tiny LLaMA in a plain transformers + torch.optim.AdamW loop, same batch and sequence length.
+    Returns (step function, tokens per step)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_tempnet.config import ffn_hidden_size
@@ -129,10 +133,7 @@ def time_transformers_loop(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         opt.step()
 
-    (seconds,) = median_step_seconds([step], args.warmup, args.steps)
-    tokens = t.global_batch_size * m.seq_length
-    return {"stack": "transformers-loop", "tempnet": False, "loss_impl": "hf", "precision": "float32",
-            "device": "cpu", "step_s": round(seconds, 5), "tokens_per_s": round(tokens / seconds, 1)}
+    return step, t.global_batch_size * m.seq_length
 
 
 def main(argv=None) -> None:
@@ -155,12 +156,18 @@ def main(argv=None) -> None:
     if platform.use_cuda():  # one stack at a time: a GPU holds one large model's training state, not four
         rows = []
         for spec in specs:
-            rows += time_our_stack(args, [spec])
+            stacks = build_our_stacks(args, [spec])
+            torch.cuda.reset_peak_memory_stats()
+            rows += our_rows([spec], stacks, median_step_seconds([stacks[0][2]], args.warmup, args.steps))
             print(json.dumps(rows[-1]), flush=True)
+            del stacks
             gc.collect()  # free this row's model and optimizer before the next row builds its own
             torch.cuda.empty_cache()
-    else:  # all stacks at once, their steps interleaved
-        rows = time_our_stack(args, specs)
+    else:  # all stacks at once, the transformers loop too, their steps interleaved
+        stacks = build_our_stacks(args, specs)
+        hf_step, hf_tokens = transformers_loop(args)
+        *seconds, hf_seconds = median_step_seconds([st[2] for st in stacks] + [hf_step], args.warmup, args.steps)
+        rows = our_rows(specs, stacks, seconds)
         for row in rows:
             print(json.dumps(row), flush=True)
     base = {r["loss_impl"]: r["step_s"] for r in rows if not r["tempnet"] and not r["precision"].startswith("fp8")}
@@ -169,7 +176,8 @@ def main(argv=None) -> None:
             print(json.dumps({"tempnet_overhead": r["loss_impl"],
                               "step_time_over_baseline": round(r["step_s"] / base[r["loss_impl"]] - 1, 4)}))
     if not platform.use_cuda():
-        hf = time_transformers_loop(args)
+        hf = {"stack": "transformers-loop", "tempnet": False, "loss_impl": "hf", "precision": "float32",
+              "device": "cpu", "step_s": round(hf_seconds, 5), "tokens_per_s": round(hf_tokens / hf_seconds, 1)}
         print(json.dumps(hf))
         ours = next(r for r in rows if not r["tempnet"] and r["loss_impl"] == "reference")
         print(json.dumps({"ratio": "megatron-tempnet / transformers-loop tokens/s (baseline, TP=1)",

@@ -64,16 +64,18 @@ __all__ = [
     "default_chunk_size",
 ]
 
-#: Vocabulary rows per chunk in the torch path on a CPU. Working memory is about 2 * N * chunk_size * 4
+#: Fewest vocabulary rows per chunk of the torch path on a CPU. Working memory is about 2 * N * chunk_size * 4
 #: bytes (N = tokens), e.g. 32 MiB for N = 8192.
 DEFAULT_CHUNK_SIZE = 512
 
 
 def default_chunk_size(n_tokens: int, device: torch.device) -> int:
-    """Vocabulary rows per chunk of the torch path: DEFAULT_CHUNK_SIZE on a CPU; on a GPU, chunks of up to
-    2^27 logits (512 MiB in fp32), 1024..8192 rows, so that each product is big enough for the tensor cores."""
+    """Vocabulary rows per chunk of the torch path. On a CPU, chunks of up to 2^21 logits (8 MiB in fp32, a
+    cache-sized working set), at least DEFAULT_CHUNK_SIZE rows: few tokens take the whole vocabulary at once
+    (each chunk costs a few dozen small ops). On a GPU, chunks of up to 2^27 logits (512 MiB), 1024..8192
+    rows, so that each product is big enough for the tensor cores."""
     if device.type != "cuda":
-        return DEFAULT_CHUNK_SIZE
+        return max(DEFAULT_CHUNK_SIZE, 2**21 // max(1, n_tokens))
     return max(1024, min(8192, 2**27 // max(1, n_tokens)))
 
 #: Counts of the backward's gradient filtering (vocabulary rows x chunks seen / skipped), for benchmarks.
@@ -260,10 +262,8 @@ def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
     """Per-token (m, l, a, z_y) over rows [0, n_valid) of this shard, chunk rows at a time."""
     N = E.shape[0]
     dev = E.device
-    m = torch.full((N,), float("-inf"), dtype=torch.float32, device=dev)
-    l = torch.zeros(N, dtype=torch.float32, device=dev)
-    a = torch.zeros(N, dtype=torch.float32, device=dev)
     zy = torch.zeros(N, dtype=torch.float32, device=dev)
+    stats = None  # (m, l, a) of the chunks so far
     E = _operand(E)
     for c0 in range(0, n_valid, chunk):
         c1 = min(c0 + chunk, n_valid)
@@ -278,8 +278,11 @@ def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
         lc = p.sum(1)
         ac = torch.bmm(p.unsqueeze(1), s.unsqueeze(2)).view(N)  # sum p (s - m_c), no extra [N, c] buffer
         del s, p
-        m, l, a = _merge(m, l, a, mc, lc, ac)
-    return m, l, a, zy
+        stats = (mc, lc, ac) if stats is None else _merge(*stats, mc, lc, ac)
+    if stats is None:  # a shard of padding only
+        stats = (torch.full((N,), float("-inf"), dtype=torch.float32, device=dev),
+                 torch.zeros(N, dtype=torch.float32, device=dev), torch.zeros(N, dtype=torch.float32, device=dev))
+    return (*stats, zy)
 
 
 def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC):

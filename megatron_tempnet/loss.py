@@ -9,7 +9,8 @@ Per token with logits z over the true vocabulary V, target y, temperature tau an
 tau = 1 with rho = log V is plain cross-entropy, so the no-TempNet baseline runs this same code.
 
 `dro_loss` is the reference: it takes materialised logits (each tensor-parallel rank holds its contiguous
-vocabulary shard) and uses megatron-core's vocab_parallel_cross_entropy for the tau-scaled cross-entropy.
+vocabulary shard) and uses megatron-core's vocab_parallel_cross_entropy for the tau-scaled cross-entropy
+(torch's own at TP = 1).
 `linear_dro_loss` is the same loss from the final hidden states and the output weight through the fused
 kernel (tempnet_kernels.dro_cce: Triton on GPUs, chunked torch elsewhere), which never materialises the
 logits. `--loss-impl` chooses; `resolve_loss_impl` says which wins where.
@@ -20,6 +21,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
 
@@ -39,6 +41,18 @@ def _mask_padded_vocab(z_shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return z_shard.masked_fill(pad, float("-inf"))
 
 
+def _cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy [...] over the true vocabulary from vocabulary-parallel logits [..., V/TP].
+
+    One TP rank: torch's fused cross_entropy on the true-vocabulary slice (the padding simply left out), one
+    kernel where megatron-core's vocab_parallel_cross_entropy issues a dozen ops. Else megatron-core's, with
+    the padding masked to -inf."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        z = logits_shard[..., :vocab_size].reshape(-1, vocab_size)
+        return F.cross_entropy(z, targets.reshape(-1), reduction="none").view(targets.shape)
+    return tensor_parallel.vocab_parallel_cross_entropy(_mask_padded_vocab(logits_shard, vocab_size), targets)
+
+
 def dro_loss(
     logits_shard: torch.Tensor,
     targets: torch.Tensor,
@@ -54,7 +68,7 @@ def dro_loss(
     """
     z = logits_shard.float()
     if tau is None:
-        ce = tensor_parallel.vocab_parallel_cross_entropy(_mask_padded_vocab(z, vocab_size), targets)
+        ce = _cross_entropy(z, targets, vocab_size)
         return ce + (rho - math.log(vocab_size))
     tau = tau.float()
     # Each rank's z/tau sees only its shard, so its contribution to dL/dtau is partial: the copy sums them.
@@ -62,8 +76,7 @@ def dro_loss(
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         tau_for_scale = tensor_parallel.copy_to_tensor_model_parallel_region(tau)
     # Mask after scaling: the padded entries' -inf must not meet tau's gradient (0 * inf).
-    scaled = _mask_padded_vocab(z / tau_for_scale.unsqueeze(-1), vocab_size)
-    ce = tensor_parallel.vocab_parallel_cross_entropy(scaled, targets)
+    ce = _cross_entropy(z / tau_for_scale.unsqueeze(-1), targets, vocab_size)
     return tau * ce + tau * (rho - math.log(vocab_size))
 
 

@@ -19,12 +19,17 @@ spots; on a machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of 
 |                                                            |   from the CPU generator                      |
 | batched p2p (batch_isend_irecv) in the pipeline schedules  | unbatched, ordered p2p (`pipeline_p2p_config`) |
 
+The mode costs about a microsecond per torch call, so what asks for no CUDA device runs without it: the
+model's forward (the trainer enters `native_torch()`) and megatron-core's backward pass (its DDP gradient
+hooks are Python, four per parameter per micro-batch), wrapped here.
+
 Nothing else in the project patches megatron-core; tests/test_platform.py checks each row.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -168,14 +173,25 @@ def adapt_megatron_core_for_cpu() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _CPU_MODE = CpuDeviceMode()
     _CPU_MODE.__enter__()  # for the life of the process
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.custom_backward = _without_cpu_mode(schedules.custom_backward)
+
+
+def _without_cpu_mode(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with native_torch():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def native_torch():
     """Context in which torch ops bypass the CPU device mode (a no-op context on GPUs).
 
-    The mode costs about a microsecond per torch call. The model's own forward never asks for a CUDA
-    device (the attention mask is passed explicitly), so the trainer runs it here; megatron-core's
-    schedules and optimizer, which do ask, stay under the mode.
+    The model's own forward never asks for a CUDA device (the attention mask is passed explicitly), so the
+    trainer runs it here; megatron-core's schedules and optimizer, which do ask, stay under the mode.
     """
     return torch._C.DisableTorchFunction() if _CPU_MODE is not None else contextlib.nullcontext()
 

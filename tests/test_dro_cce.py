@@ -427,3 +427,13 @@ def test_tempnet_input_with_bf16_weights_on_gpu_matches_fp64():
     w1z, sq = tempnet_first_layer_logits_free(hidden.cuda(), weight.cuda(), w1.cuda(), V)
     assert rel_err(w1z.cpu().double(), z @ w1[:, :V].double().t()) < 1e-4
     assert rel_err(sq.cpu().double(), (z * z).sum(1)) < 1e-4
+
+
+def test_default_chunk_size_bounds_the_working_set():
+    from tempnet_kernels.dro_cce import DEFAULT_CHUNK_SIZE, default_chunk_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk_size(128, cpu) == 2**21 // 128  # a few tokens: the whole vocabulary in one chunk
+    assert default_chunk_size(8192, cpu) == DEFAULT_CHUNK_SIZE  # never fewer rows than this
+    assert default_chunk_size(2**15, gpu) == 2**12  # 2^27 logits
+    assert default_chunk_size(10**6, gpu) == 1024

@@ -53,3 +53,18 @@ def test_cpu_adaptation_keeps_cuda_stream_a_type(single_rank):
     """Libraries annotate with torch.cuda.Stream | None at import time (transformers does)."""
     assert (torch.cuda.Stream | None) is not None
     import transformers.generation  # noqa: F401  imports after the adaptation
+
+
+def test_cpu_backward_pass_runs_without_the_device_mode(single_rank):
+    """megatron-core's backward (and the Python hooks it runs) skips the CPU device mode's per-call cost."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    y = (x * 2).sum()
+    y.register_hook(lambda g: seen.append(torch._C._is_torch_function_mode_enabled()))
+    assert torch._C._is_torch_function_mode_enabled()
+    schedules.custom_backward(y, None)
+    assert seen == [False] and x.grad.tolist() == [2.0, 2.0]

@@ -1,6 +1,7 @@
 """Layer specs: which implementation builds each transformer layer, chosen without touching the model.
 
-`local` is megatron-core's pure-torch spec (CPU and GPU); `transformer_engine` is megatron-core's TE spec
+`local` is megatron-core's pure-torch spec (CPU and GPU), with torch's own linear at TP = 1 (models/linear.py);
+`transformer_engine` is megatron-core's TE spec
 (GPU, required for FP8). Both are wrapped so that every layer's initialisation is seeded by its global
 layer number: the same seed gives the same weights at any TP/PP/VPP layout, so a parallel run can be
 compared with the single-rank run from step 0.
@@ -14,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from . import linear
 from .attention import SDPAttention
 from .attention_transfer import ExplicitAttention
 
@@ -47,11 +49,21 @@ def _with_core_attention(spec: ModuleSpec, core_attention) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
 
 
+def _with_local_linears(spec: ModuleSpec) -> ModuleSpec:
+    attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+        attn.submodules, linear_qkv=linear.ColumnParallelLinear, linear_proj=linear.RowParallelLinear))
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
+        mlp.submodules, linear_fc1=linear.ColumnParallelLinear, linear_fc2=linear.RowParallelLinear))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn, mlp=mlp))
+
+
 def layer_spec(arch: str, use_transformer_engine: bool, explicit_attention: bool = False) -> ModuleSpec:
     """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm).
 
     Transformer Engine's spec as megatron-core defines it; the local spec with torch's fused
-    scaled_dot_product_attention in place of megatron-core's unfused DotProductAttention.
+    scaled_dot_product_attention in place of megatron-core's unfused DotProductAttention, and linears that
+    are torch's own at TP = 1.
     `explicit_attention` (attention transfer): either spec with ExplicitAttention as the core attention,
     which forms the attention probabilities so they can be recorded, replaced or distilled.
     """
@@ -61,7 +73,7 @@ def layer_spec(arch: str, use_transformer_engine: bool, explicit_attention: bool
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if arch == "llama" else "LayerNorm")
-        spec = _with_core_attention(spec, SDPAttention)
+        spec = _with_local_linears(_with_core_attention(spec, SDPAttention))
     if explicit_attention:
         spec = _with_core_attention(spec, ExplicitAttention)
     return dataclasses.replace(spec, module=SeededTransformerLayer)

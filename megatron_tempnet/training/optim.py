@@ -2,6 +2,9 @@
 
 TempNet's parameters form their own parameter groups with their own learning rate (--tempnet-lr,
 --tempnet-min-lr); the schedule's shape (warmup, decay) is shared.
+
+Without apex or Transformer Engine megatron-core steps torch's Adam, which on a CPU defaults to a Python
+loop over the tensors (eight ops each); its fused CPU kernel updates every tensor of a group in one call.
 """
 from __future__ import annotations
 
@@ -37,7 +40,20 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):
     overrides = get_standard_config_overrides(opt_cfg)  # no weight decay on biases and norms
     if cfg.tempnet.enabled:
         overrides[ParamKey(attr="is_tempnet_parameter")] = {"max_lr": cfg.tempnet.lr, "min_lr": cfg.tempnet.min_lr}
-    return get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides)
+    _fuse_cpu_adam(optimizer)
+    return optimizer
+
+
+def _fuse_cpu_adam(optimizer) -> None:
+    """Use torch's fused Adam kernel for torch Adam instances whose parameters live on a CPU."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue  # apex / Transformer Engine FusedAdam: fused already
+        for group in inner.param_groups:
+            if all(p.device.type == "cpu" for p in group["params"]):
+                group.update(fused=True, foreach=False)
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
