@@ -60,6 +60,7 @@ __all__ = [
     "tempnet_first_layer_logits_free",
     "classifier_statistics",
     "ClassifierStatistics",
+    "W1GradientAccumulator",
     "DEFAULT_CHUNK_SIZE",
     "default_chunk_size",
 ]
@@ -526,22 +527,63 @@ def classifier_statistics(
     return ClassifierStatistics(w1c.view(d, D), gram.view(D, D), csum, w1_rowsum)
 
 
+class W1GradientAccumulator:
+    """Sums the upstream gradients dL/d(W1 C) [d, D] and dL/d(W1 1) [d] over the micro-batches of one optimizer
+    step, so that W1's gradient, their product with C^T (d x D x V), is formed once per step instead of once per
+    micro-batch. The last of `backward_passes` micro-batch backward passes returns it for all of them; the
+    others return none. Exact up to the order of the float sums."""
+
+    def __init__(self, backward_passes: int):
+        if backward_passes < 1:
+            raise ValueError(f"backward_passes must be >= 1, got {backward_passes}")
+        self.backward_passes = backward_passes
+        self.seen = 0
+        self.g_w1c: Optional[torch.Tensor] = None
+        self.g_rowsum: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _sum(total, g):
+        return g.float() if total is None else (total if g is None else total.add_(g.float()))
+
+    def add(self, g_w1c: Optional[torch.Tensor], g_rowsum: Optional[torch.Tensor]) -> bool:
+        """Add one micro-batch's upstream gradients; True when that was the step's last backward pass."""
+        if self.seen >= self.backward_passes:
+            raise RuntimeError(f"TempNet's W1 gradient: more than the {self.backward_passes} micro-batch backward "
+                               "passes this step was set up for; pass the step's number of micro-batches")
+        self.g_w1c = self._sum(self.g_w1c, g_w1c)
+        self.g_rowsum = self._sum(self.g_rowsum, g_rowsum)
+        self.seen += 1
+        return self.seen == self.backward_passes
+
+    @property
+    def pending(self) -> bool:
+        """Gradients were added but W1's has not been returned yet."""
+        return 0 < self.seen < self.backward_passes
+
+
 class _W1Products(torch.autograd.Function):
     """Gives the precomputed (W1 C, W1 1) a gradient path to this rank's W1 columns (C is detached).
 
-    Backward: dW1[:, :n] = dW1C C[:n]^T + dW1_1 (broadcast), chunked; padded columns get zero. Under TP the
-    forward values are already summed over the group and each rank's columns get their own gradient.
+    Backward: dW1[:, :n] = dW1C C[:n]^T + dW1_1 (broadcast), chunked; padded columns get zero; with an
+    accumulator, once per step (see W1GradientAccumulator). Under TP the forward values are already summed over
+    the group and each rank's columns get their own gradient.
     """
 
     @staticmethod
-    def forward(ctx, w1, weight, w1c, w1_rowsum, n_valid, chunk):
+    def forward(ctx, w1, weight, w1c, w1_rowsum, n_valid, chunk, accumulator):
         ctx.save_for_backward(weight)
         ctx.n_valid, ctx.chunk, ctx.w1_shape, ctx.w1_dtype = n_valid, chunk, w1.shape, w1.dtype
+        ctx.accumulator = accumulator
         return w1c.clone(), w1_rowsum.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_w1c, g_rowsum):
+        no_grads = (None,) * 6
+        if ctx.accumulator is not None:
+            if not ctx.accumulator.add(g_w1c, g_rowsum):
+                return (None, *no_grads)  # W1's gradient comes with the step's last micro-batch
+            g_w1c, g_rowsum = ctx.accumulator.g_w1c, ctx.accumulator.g_rowsum
         (weight,) = ctx.saved_tensors
         dw1 = torch.zeros(ctx.w1_shape, dtype=torch.float32, device=weight.device)
         if g_w1c is not None:
@@ -551,7 +593,7 @@ class _W1Products(torch.autograd.Function):
                 dw1[:, c0:c1] = g @ weight[c0:c1].float().t()
         if g_rowsum is not None:
             dw1[:, :ctx.n_valid] += g_rowsum.float().unsqueeze(1)
-        return dw1.to(ctx.w1_dtype), None, None, None, None, None
+        return (dw1.to(ctx.w1_dtype), *no_grads)
 
 
 def tempnet_first_layer_logits_free(
@@ -565,6 +607,7 @@ def tempnet_first_layer_logits_free(
     shift: Optional[torch.Tensor] = None,
     chunk_size: int = 4096,
     stats: Optional[ClassifierStatistics] = None,
+    w1_grad_accumulator: Optional[W1GradientAccumulator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """TempNet's first layer on the logits without the logits: returns (W1 z' [..., d], ||z'||^2 [...]).
 
@@ -580,6 +623,8 @@ def tempnet_first_layer_logits_free(
             (under TP each rank gets the gradient of its own columns; padded columns get zero).
         shift: optional [...] per-token shift (no grad).
         stats: ``classifier_statistics`` of these very weights, to reuse across micro-batches; None computes them.
+        w1_grad_accumulator: forms W1's gradient once for all micro-batches of a step (W1GradientAccumulator);
+            None: in this call's backward.
     Math in fp32. ``||z'||^2`` with a shift is formed as ||z||^2 - 2 m sum(z) + m^2 V, which loses relative
     precision when the logits are nearly constant across the vocabulary.
     """
@@ -592,7 +637,8 @@ def tempnet_first_layer_logits_free(
         stats = classifier_statistics(Cd, w1_shard.detach(), vocab_size, vocab_start_index, tp_group,
                                       chunk_size=chunk_size)
     n_valid = _num_valid_rows(weight.shape[0], vocab_size, vocab_start_index)
-    w1c, w1_rowsum = _W1Products.apply(w1_shard, Cd, stats.w1c, stats.w1_rowsum, n_valid, chunk_size)
+    w1c, w1_rowsum = _W1Products.apply(w1_shard, Cd, stats.w1c, stats.w1_rowsum, n_valid, chunk_size,
+                                       w1_grad_accumulator)
     E32 = hidden.detach().reshape(-1, hidden.shape[-1]).float()
     w1z = E32 @ w1c.t()  # [N, d]
     with torch.no_grad():

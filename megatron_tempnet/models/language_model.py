@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import platform
 from ..config import Config, padded_vocab_size
 from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
-from . import gpt, llama
+from . import gpt, linear, llama
 from .specs import layer_spec, set_init_seed
 from .tempnet import GlobalTemperature, TempNet
 
@@ -82,7 +82,7 @@ class TempNetGPTModel(GPTModel):
 
     def logits_and_tau(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """hidden_states: [s, b, h] -> (vocab-parallel logits [s, b, V/TP], tau [s, b] or None)."""
-        logits, _ = self.output_layer(hidden_states, weight=self._output_weight())
+        logits = linear.output_logits(self.output_layer, hidden_states, self._output_weight())
         tau = self.tempnet(logits) if self.tempnet is not None else None
         return logits, tau
 

@@ -18,7 +18,8 @@ Two ways to get the first layer, with the same result:
 - `forward_from_hidden(hidden, output_weight_shard)` without logits: W1 z = (W1 C) e and
   ||z||^2 = e^T (C^T C) e, with e the final hidden state and C the output weight. Cost: a d x D and a D x D
   matrix instead of N x V logits (tempnet_kernels.dro_cce.tempnet_first_layer_logits_free), computed once per
-  optimizer step for all its micro-batches (`reuse_classifier_statistics`, entered by the training step).
+  optimizer step for all its micro-batches, and W1's gradient (a d x D x V product) once per step too
+  (`shared_across_micro_batches`, entered by the training step).
 
 Every parameter carries `is_tempnet_parameter = True`, so the optimizer can give TempNet its own learning rate.
 """
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from tempnet_kernels.dro_cce import classifier_statistics, tempnet_first_layer_logits_free
+from tempnet_kernels.dro_cce import W1GradientAccumulator, classifier_statistics, tempnet_first_layer_logits_free
 
 from ..config import TempNetConfig
 
@@ -81,9 +82,9 @@ class TempNet(torch.nn.Module):
         self.dropout = torch.nn.Dropout(cfg.dropout)
         for p in self.parameters():
             p.is_tempnet_parameter = True
-        # W1 C, C^T C, ... of the current weights, shared by the micro-batches of one step (None: off);
-        # see reuse_classifier_statistics.
-        self._statistics_cache: Optional[dict] = None
+        # W1 C, C^T C, ... of the current weights and W1's gradient accumulator, shared by the micro-batches of
+        # one step (None: off); see shared_across_micro_batches.
+        self._step_cache: Optional[dict] = None
 
     # -- first layer -------------------------------------------------------------------------------------
 
@@ -111,15 +112,19 @@ class TempNet(torch.nn.Module):
         if self.input_variant == "max_shifted" and logit_max is None:
             raise ValueError("the max_shifted TempNet input needs the per-token logit max (logit_max)")
         group = parallel_state.get_tensor_model_parallel_group()
-        stats = None
-        if self._statistics_cache is not None:
-            if "stats" not in self._statistics_cache:
-                self._statistics_cache["stats"] = classifier_statistics(
+        stats = accumulator = None
+        if self._step_cache is not None:
+            if "stats" not in self._step_cache:
+                self._step_cache["stats"] = classifier_statistics(
                     output_weight.detach(), self.w1.detach(), self.vocab_size, self.vocab_start, group)
-            stats = self._statistics_cache["stats"]
+            stats, accumulator = self._step_cache["stats"], self._step_cache["w1_grad"]
+            if accumulator is not None and not torch.is_grad_enabled():
+                raise RuntimeError("TempNet: a forward without gradient inside a training step's "
+                                   "shared_across_micro_batches(backward_passes > 0)")
         w1z, sq_norm = tempnet_first_layer_logits_free(
             hidden, output_weight, self.w1, self.vocab_size, self.vocab_start, group,
-            shift=logit_max if self.input_variant == "max_shifted" else None, stats=stats)
+            shift=logit_max if self.input_variant == "max_shifted" else None, stats=stats,
+            w1_grad_accumulator=accumulator)
         return self.head(w1z, sq_norm)
 
     # -- the rest (replicated on every TP rank) ----------------------------------------------------------
@@ -134,18 +139,26 @@ class TempNet(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def reuse_classifier_statistics(tempnets: Iterable[TempNet]) -> Iterator[None]:
+def shared_across_micro_batches(tempnets: Iterable[TempNet], backward_passes: int = 0) -> Iterator[None]:
     """Inside, each TempNet's logits-free input computes W1 C and C^T C once and reuses them for every
     micro-batch: they depend on the weights only, and the weights do not change within one schedule run
-    (forward and backward of all micro-batches, before the optimizer step). Leave before the weights change."""
+    (forward and backward of all micro-batches, before the optimizer step). With `backward_passes` (the
+    step's micro-batches, 0 for forward-only runs), W1's gradient is also formed once, in the last
+    micro-batch's backward (W1GradientAccumulator). Leave before the weights change."""
     tempnets = list(tempnets)
     for t in tempnets:
-        t._statistics_cache = {}
+        t._step_cache = {"w1_grad": W1GradientAccumulator(backward_passes) if backward_passes else None}
     try:
         yield
     finally:
+        accumulators = [t._step_cache["w1_grad"] for t in tempnets]
         for t in tempnets:
-            t._statistics_cache = None
+            t._step_cache = None
+    short = [a for a in accumulators if a is not None and a.pending]
+    if short:  # reached only without an exception in flight
+        raise RuntimeError(
+            f"TempNet's W1 gradient was never formed: the step was set up for {backward_passes} micro-batch "
+            f"backward passes and {short[0].seen} ran; pass the number of micro-batches that run a backward")
 
 
 def vocab_parallel_max(z_shard: torch.Tensor) -> torch.Tensor:

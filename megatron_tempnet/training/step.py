@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .. import platform
 from ..config import Config
 from ..models.language_model import LMOutput
-from ..models.tempnet import TempNet, reuse_classifier_statistics
+from ..models.tempnet import TempNet, shared_across_micro_batches
 from . import attention_transfer
 from .batches import Batch
 from .model_setup import unwrap
@@ -97,12 +97,14 @@ def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, for
     # attention transfer with PP > 1: the teacher's pipeline pass over the same micro-batches comes first
     data_iterators = attention_transfer.run_teacher_pipeline(cfg, model, data_iterators, _num_microbatches(cfg))
     tempnets = [t for t in (unwrap(chunk).tempnet for chunk in model) if isinstance(t, TempNet)]
-    with reuse_classifier_statistics(tempnets):  # the weights are fixed until the optimizer step
+    num_microbatches = _num_microbatches(cfg)
+    # The weights are fixed until the optimizer step: TempNet's first layer shares work across micro-batches.
+    with shared_across_micro_batches(tempnets, backward_passes=0 if forward_only else num_microbatches):
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
             model=model,
-            num_microbatches=_num_microbatches(cfg),
+            num_microbatches=num_microbatches,
             seq_length=cfg.model.seq_length,
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
