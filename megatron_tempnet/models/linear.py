@@ -35,11 +35,11 @@ class _PlainLinearWhenUnsharded:
 
 
 class ColumnParallelLinear(_PlainLinearWhenUnsharded, tensor_parallel.ColumnParallelLinear):
-    pass
+    """megatron-core's ColumnParallelLinear (linear_qkv, linear_fc1 in the local spec)."""
 
 
 class RowParallelLinear(_PlainLinearWhenUnsharded, tensor_parallel.RowParallelLinear):
-    pass
+    """megatron-core's RowParallelLinear (linear_proj, linear_fc2 in the local spec)."""
 
 
 def output_logits(layer: tensor_parallel.ColumnParallelLinear, hidden: torch.Tensor,

@@ -30,26 +30,27 @@ STATS = ("loss_sum", "tokens", "ce_tau_sum", "tau_sum", "tau_sq_sum", "ce1_sum")
 
 def loss_func(loss_mask: torch.Tensor, output: LMOutput):
     """(loss sum, token count, report) for one micro-batch on the last stage."""
-    mask = loss_mask.float()
-    loss_sum = (output.loss * mask).sum()
-    tokens = mask.sum()
-    ce_tau = output.ce_tau
-    tau = output.tau.detach().float() if output.tau is not None else torch.ones_like(mask)
-    ce1 = output.ce_at_tau1 if output.ce_at_tau1 is not None else ce_tau
-    stats = torch.stack([
-        loss_sum.detach(), tokens, (ce_tau * mask).sum(), (tau * mask).sum(), (tau * tau * mask).sum(),
-        (ce1.detach() * mask).sum(),
-    ])
-    report = {"stats": stats}
-    if output.tau is not None:
-        report["tau_values"] = tau[mask.bool()]
-    return loss_sum, tokens.to(torch.int), report
+    with platform.native_torch():  # our code asks for no CUDA device
+        mask = loss_mask.float()
+        loss_sum = (output.loss * mask).sum()
+        tokens = mask.sum()
+        ce_tau = output.ce_tau
+        tau = output.tau.detach().float() if output.tau is not None else torch.ones_like(mask)
+        ce1 = output.ce_at_tau1 if output.ce_at_tau1 is not None else ce_tau
+        stats = torch.stack([
+            loss_sum.detach(), tokens, (ce_tau * mask).sum(), (tau * mask).sum(), (tau * tau * mask).sum(),
+            (ce1.detach() * mask).sum(),
+        ])
+        report = {"stats": stats}
+        if output.tau is not None:
+            report["tau_values"] = tau[mask.bool()]
+        return loss_sum, tokens.to(torch.int), report
 
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    batch = next(data_iterator)
-    attention_transfer.before_forward(model, batch)  # the teacher's attention maps (attention transfer only)
-    with platform.native_torch():
+    with platform.native_torch():  # the data pipeline and the model ask for no CUDA device
+        batch = next(data_iterator)
+        attention_transfer.before_forward(model, batch)  # the teacher's attention maps (attention transfer only)
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
     return output, partial(loss_func, batch.loss_mask)
 
@@ -120,7 +121,8 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     """
     for chunk in model:
         chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    with platform.native_torch():
+        optimizer.zero_grad()
     reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
     stats, taus = _reduce_reports(reports)
     metrics = metrics_from_stats(stats)
@@ -131,7 +133,8 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     update_successful = not found_inf and math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
     if update_successful:
-        optimizer.step_with_ready_grads()
+        with platform.native_torch():  # the update asks for no CUDA device (grad clipping does)
+            optimizer.step_with_ready_grads()
         scheduler.step(increment=cfg.train.global_batch_size)
     metrics.update(grad_norm=grad_norm, update_successful=update_successful,
                    lr=scheduler.get_lr(optimizer.param_groups[0]), tau_values=taus)
