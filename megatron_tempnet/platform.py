@@ -21,7 +21,9 @@ spots; on a machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of 
 
 The mode costs about a microsecond per torch call, so what asks for no CUDA device runs without it: the
 model's forward (the trainer enters `native_torch()`) and megatron-core's backward pass (its DDP gradient
-hooks are Python, four per parameter per micro-batch), wrapped here.
+hooks are Python, four per parameter per micro-batch), wrapped here. For the same reason grad clipping gets
+torch's foreach kernels in place of megatron-core's fallbacks for apex's multi-tensor ones, which loop over the
+tensors in Python (and sync once per tensor for the norm); same values.
 
 Nothing else in the project patches megatron-core; tests/test_platform.py checks each row.
 """
@@ -176,6 +178,29 @@ def adapt_megatron_core_for_cpu() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.custom_backward = _without_cpu_mode(schedules.custom_backward)
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:  # neither apex nor Transformer Engine
+        clip_grads.l2_norm_impl = foreach_l2_norm
+        clip_grads.multi_tensor_scale_impl = foreach_scale
+
+
+def foreach_l2_norm(_chunk_size, _noop_flag, tensor_lists, _per_tensor, *_args):
+    """megatron-core's local_multi_tensor_l2_norm (the L2 norm of all tensors, [1] fp32) in three torch calls."""
+    norms = [n for tensors in tensor_lists if tensors for n in torch._foreach_norm(tensors)]
+    if not norms:
+        return torch.zeros(1), None
+    return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+
+
+def foreach_scale(_chunk_size, _noop_flag, tensor_lists, scale):
+    """megatron-core's local_multi_tensor_scale (dst = src * scale) in one or two torch calls."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
 def _without_cpu_mode(fn):

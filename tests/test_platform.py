@@ -68,3 +68,25 @@ def test_cpu_backward_pass_runs_without_the_device_mode(single_rank):
     assert torch._C._is_torch_function_mode_enabled()
     schedules.custom_backward(y, None)
     assert seen == [False] and x.grad.tolist() == [2.0, 2.0]
+
+
+def test_cpu_grad_clipping_kernels_give_megatron_core_fallback_values(single_rank):
+    if torch.cuda.is_available():
+        return
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    from megatron_tempnet import platform
+
+    assert clip_grads.l2_norm_impl is platform.foreach_l2_norm
+    grads = [torch.randn(7, 3), torch.randn(5), torch.randn(2, 2, 2)]
+    theirs, _ = local_multi_tensor_l2_norm(0, None, [grads], False)
+    ours, _ = platform.foreach_l2_norm(0, None, [grads], False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    expected = [g.clone() for g in grads]
+    local_multi_tensor_scale(0, None, [expected, expected], 0.3)
+    platform.foreach_scale(0, None, [grads, grads], 0.3)  # in place, as clip_grad_by_total_norm_fp32 calls it
+    copies = [torch.empty_like(g) for g in grads]
+    platform.foreach_scale(0, None, [grads, copies], 2.0)
+    for g, e, c in zip(grads, expected, copies):
+        assert torch.equal(g, e) and torch.equal(c, g * 2.0)
