@@ -215,8 +215,9 @@ def _without_cpu_mode(fn):
 def native_torch():
     """Context in which torch ops bypass the CPU device mode (a no-op context on GPUs).
 
-    The model's own forward never asks for a CUDA device (the attention mask is passed explicitly), so the
-    trainer runs it here; megatron-core's schedules and optimizer, which do ask, stay under the mode.
+    The data pipeline, the model's forward (the attention mask is passed explicitly), the loss report and the
+    optimizer's update never ask for a CUDA device, so the trainer runs them here; megatron-core's schedules,
+    grad-norm and checkpoint code, which do ask, stay under the mode.
     """
     return torch._C.DisableTorchFunction() if _CPU_MODE is not None else contextlib.nullcontext()
 
