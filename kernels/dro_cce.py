@@ -543,7 +543,9 @@ class W1GradientAccumulator:
 
     @staticmethod
     def _sum(total, g):
-        return g.float() if total is None else (total if g is None else total.add_(g.float()))
+        if g is None:
+            return total
+        return g.to(torch.float32, copy=True) if total is None else total.add_(g.float())
 
     def add(self, g_w1c: Optional[torch.Tensor], g_rowsum: Optional[torch.Tensor]) -> bool:
         """Add one micro-batch's upstream gradients; True when that was the step's last backward pass."""
