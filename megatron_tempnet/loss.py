@@ -75,7 +75,7 @@ def dro_loss(
     tau_for_scale = tau
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         tau_for_scale = tensor_parallel.copy_to_tensor_model_parallel_region(tau)
-    # Mask after scaling: the padded entries' -inf must not meet tau's gradient (0 * inf).
+    # Padding is left out after scaling: its -inf must not meet tau's gradient (0 * inf).
     ce = _cross_entropy(z / tau_for_scale.unsqueeze(-1), targets, vocab_size)
     return tau * ce + tau * (rho - math.log(vocab_size))
 
