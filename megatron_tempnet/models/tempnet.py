@@ -118,9 +118,6 @@ class TempNet(torch.nn.Module):
                 self._step_cache["stats"] = classifier_statistics(
                     output_weight.detach(), self.w1.detach(), self.vocab_size, self.vocab_start, group)
             stats, accumulator = self._step_cache["stats"], self._step_cache["w1_grad"]
-            if accumulator is not None and not torch.is_grad_enabled():
-                raise RuntimeError("TempNet: a forward without gradient inside a training step's "
-                                   "shared_across_micro_batches(backward_passes > 0)")
         w1z, sq_norm = tempnet_first_layer_logits_free(
             hidden, output_weight, self.w1, self.vocab_size, self.vocab_start, group,
             shift=logit_max if self.input_variant == "max_shifted" else None, stats=stats,
