@@ -64,7 +64,7 @@ LOGIT_STD = 3.0  # logits of order a trained LM's (peaked softmax), so filtering
 # ----------------------------------------------------------------------------------------------------
 # the computations
 # ----------------------------------------------------------------------------------------------------
-def make_inputs(N, V, D, dtype, device, seed=0):
+def make_inputs(N, V, D, dtype, device, seed=0, tau_range=(0.5, 2.0)):
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -72,7 +72,8 @@ def make_inputs(N, V, D, dtype, device, seed=0):
     C = (torch.randn(V, D, generator=g) * (LOGIT_STD / math.sqrt(D))).to(device=device, dtype=dtype)
     targets = torch.randint(0, V, (N,), generator=g).to(device)
     targets[::50] = -100
-    tau = (0.5 + 1.5 * torch.rand(N, generator=g)).to(device)
+    lo, hi = tau_range
+    tau = (lo + (hi - lo) * torch.rand(N, generator=g)).to(device)
     W1 = (torch.randn(TEMPNET_D, V, generator=g) * 0.02).to(device)
     return E, C, targets, tau, W1
 
@@ -166,13 +167,13 @@ def _proc_status_kb(field):
     raise RuntimeError(field)
 
 
-def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps):
+def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, tau_range=(0.5, 2.0)):
     """Runs in the process that measures; returns the JSON row."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     row = dict(kind=kind, method=method, tokens=N, vocab=V, hidden=D, dtype=dtype_name, device=device,
-               filter_eps=filter_eps)
+               filter_eps=filter_eps, tau_range=list(tau_range))
     if method == "triton" and device != "cuda":
         return dict(row, skipped="triton kernel: CUDA only (tests run it under TRITON_INTERPRET=1)")
     if method == "cce":
@@ -186,7 +187,7 @@ def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps):
     wE, wC, wt, wtau, wW1 = make_inputs(64, 300, D, dtype, device)
     run_case(kind, method, wE, wC, wt, wtau, wW1, 300, filter_eps)
     del wE, wC, wt, wtau, wW1
-    E, C, targets, tau, W1 = make_inputs(N, V, D, dtype, device)
+    E, C, targets, tau, W1 = make_inputs(N, V, D, dtype, device, tau_range=tau_range)
     from tempnet_kernels.dro_cce import FILTER_STATS
 
     FILTER_STATS.update(rows_total=0, rows_skipped=0)
@@ -269,6 +270,8 @@ def main(argv=None):
     p.add_argument("--filter-eps", default=None,
                    help="comma list of eps for extra filtered rows of the fused methods (loss kind); "
                         "default 2^-12 (CCE's bf16 'auto') on the first shape (CPU) or every shape (CUDA)")
+    p.add_argument("--tau-range", default="0.5,2.0",
+                   help="LO,HI: temperatures drawn uniformly from [LO, HI] (loss kind), e.g. 0.01,0.1")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -281,6 +284,7 @@ def main(argv=None):
     methods = (a.methods.split(",") if a.methods
                else (["reference", "torch", "triton", "cce"] if a.device == "cuda" else ["reference", "torch"]))
     kinds = a.kinds.split(",")
+    tau_range = [float(x) for x in a.tau_range.split(",")]
     if a.filter_eps is not None:
         eps_list = [float(x) for x in a.filter_eps.split(",") if x]
         eps_shapes = shapes
@@ -298,7 +302,7 @@ def main(argv=None):
             for method in methods:
                 if method == "cce" and kind != "loss":
                     continue
-                case = [kind, method, N, V, D, dtype, a.device, a.repeats, None]
+                case = [kind, method, N, V, D, dtype, a.device, a.repeats, None, tau_range]
                 row = run_in_subprocess(case) if a.device == "cpu" else _measure_guarded(case)
                 if method == "reference" and "peak_mb" in row:
                     ref_rows[kind] = row
@@ -312,7 +316,7 @@ def main(argv=None):
                 if method in ("reference", "cce" if a.device != "cuda" else ""):
                     continue
                 for eps in eps_list:
-                    case = ["loss", method, N, V, D, dtype, a.device, a.repeats, eps]
+                    case = ["loss", method, N, V, D, dtype, a.device, a.repeats, eps, tau_range]
                     row = run_in_subprocess(case) if a.device == "cpu" else _measure_guarded(case)
                     print(json.dumps(row), flush=True)
 

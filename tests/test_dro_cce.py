@@ -437,3 +437,18 @@ def test_default_chunk_size_bounds_the_working_set():
     assert default_chunk_size(8192, cpu) == DEFAULT_CHUNK_SIZE  # never fewer rows than this
     assert default_chunk_size(2**15, gpu) == 2**12  # 2^27 logits
     assert default_chunk_size(10**6, gpu) == 1024
+
+
+def test_cpu_exp_stays_in_the_normal_range():
+    """On a CPU, exp's arguments are clamped where the result would be subnormal (a slow path there, common at
+    low temperatures); the terms change by less than the smallest normal float, and the loss not at all."""
+    from tempnet_kernels.dro_cce import _EXP_FLOOR_ON_CPU, _exp_nonpositive
+
+    s = torch.cat([-torch.logspace(-3, 4, 2000), torch.zeros(1)])
+    got, exact = _exp_nonpositive(s), torch.exp(s)
+    tiny = torch.finfo(torch.float32).tiny
+    kept = s >= _EXP_FLOOR_ON_CPU
+    assert torch.equal(got[kept], exact[kept])
+    assert torch.all(got >= tiny) and torch.all(got[~kept] - exact[~kept] < 2 * tiny)
+    buf = s.clone()
+    assert _exp_nonpositive(buf, out=buf) is buf and torch.equal(buf, got)  # in place
