@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from functools import partial
@@ -32,10 +33,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def median_step_seconds(step_fns, warmup: int, steps: int) -> list:
-    """Median wall time of `steps` calls of each step function after `warmup` calls. The functions take turns
-    step by step, so that a machine's drift (other load, clocks) falls on every row alike; the median shrugs off
-    the odd slow step."""
+def interleaved_step_seconds(step_fns, warmup: int, steps: int) -> list:
+    """Wall times [fn][step] of `steps` calls of each step function after `warmup` calls. The functions take
+    turns step by step, so that a machine's drift (other load, clocks) falls on every row alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for step in step_fns:
         for _ in range(warmup):
@@ -48,7 +48,12 @@ def median_step_seconds(step_fns, warmup: int, steps: int) -> list:
             step()
             sync()
             ts.append(time.perf_counter() - t0)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+    return times
+
+
+def median_step_seconds(step_fns, warmup: int, steps: int) -> list:
+    """Median step time of each step function, interleaved (the median shrugs off the odd slow step)."""
+    return [statistics.median(ts) for ts in interleaved_step_seconds(step_fns, warmup, steps)]
 
 
 def _stack_config(args, tempnet: bool, loss_impl: str, fp8: bool):
