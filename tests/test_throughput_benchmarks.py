@@ -5,14 +5,18 @@ import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 def _json_lines(script, *flags):
+    # a port of its own: the one in this process's environment is held by the suite's own process group
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), "--steps", "2", "--warmup", "1",
-                          *flags], capture_output=True, text=True, check=True, cwd=REPO, timeout=300)
+                          *flags], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
