@@ -1,5 +1,6 @@
-"""Small pieces the benchmark scripts share: the commit a result was made at, and the body of a fresh
-single-rank worker process (benchmarks that train several runs side by side start one per run)."""
+"""Small pieces the benchmark scripts share: the commit a result was made at, the body of a fresh single-rank
+worker process (benchmarks that train several runs side by side start one per run), and the training and held-out
+tokens of the benchmarks that train small models (tempnet_ablation.py, attention_transfer.py)."""
 from __future__ import annotations
 
 import json
@@ -46,3 +47,53 @@ def single_rank_worker(spec_path: str, out_path: str, run: Callable[[dict], dict
         json.dump(row, f)
     os.replace(out_path + ".tmp", out_path)
     return 0
+
+
+def heldout_windows(data: dict, seq_length: int, vocab_size: int):
+    """All held-out tokens (documents in order, EOD-separated, as preprocessed) cut into consecutive,
+    non-overlapping windows of seq_length + 1 tokens: [n, seq_length + 1] int64. The same for every run.
+    data: {"mock": True} or {"heldout": [dataset prefixes]}."""
+    import numpy as np
+    import torch
+
+    if data.get("mock"):
+        from megatron_tempnet.training.batches import MockTokens
+
+        ds = MockTokens(vocab_size, seq_length, 64, seed=987654)  # a fixed seed no training run uses
+        return torch.stack([torch.cat([ds[i]["tokens"], ds[i]["labels"][-1:]]) for i in range(len(ds))]).long()
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = []
+    for prefix in data["heldout"]:
+        ds = IndexedDataset(prefix)
+        parts.extend(np.asarray(ds[i], dtype=np.int64) for i in range(len(ds)))
+    tokens = torch.from_numpy(np.concatenate(parts))
+    n = (tokens.numel() - 1) // seq_length
+    idx = torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1).unsqueeze(0)
+    return tokens[idx]
+
+
+def spread_subset(windows, count: int):
+    """`count` windows spread evenly over all of them (0 or more than there are: all)."""
+    n = windows.size(0)
+    if count <= 0 or count >= n:
+        return windows
+    return windows[[int(i * n / count) for i in range(count)]]
+
+
+def train_dataset(cfg, shuffle_seed: int):
+    """The run's training samples (train_iters x global_batch_size of them): mock tokens seeded by the run's
+    seed, or the config's preprocessed data in the order `shuffle_seed` gives."""
+    from megatron_tempnet.training.batches import MockTokens
+
+    t, m = cfg.train, cfg.model
+    n = t.train_iters * t.global_batch_size
+    if cfg.data.mock_data:
+        return MockTokens(m.vocab_size, m.seq_length, n, seed=t.seed)
+    from megatron_tempnet.data.datasets import build_gpt_datasets
+    from megatron_tempnet.data.tokenizer import load_tokenizer
+
+    train, _, _ = build_gpt_datasets(cfg.data.data_path, cfg.data.split, m.seq_length, shuffle_seed,
+                                     load_tokenizer(cfg.data.tokenizer_model), (n, 0, 0), cfg.data.data_cache_path,
+                                     create_attention_mask=False)
+    return train

@@ -50,7 +50,8 @@ from typing import List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from benchmarks._shared import git_commit, single_rank_worker  # noqa: E402
+from benchmarks._shared import (  # noqa: E402
+    git_commit, heldout_windows, single_rank_worker, spread_subset, train_dataset)
 
 DEFAULT_OUTPUT_PREFIX = os.path.join(REPO, "benchmarks", "results", "attention_transfer")
 DEFAULT_WORK_DIR = os.path.join(REPO, "runs", "attention_transfer")
@@ -87,27 +88,6 @@ def prepare_data(args, s: dict) -> dict:
                            "files held out by path hash; sentencepiece BPE trained on the training files"}
 
 
-def heldout_windows(data: dict, seq_length: int, vocab_size: int):
-    """All held-out tokens, in document order, cut into consecutive windows of seq_length + 1: [n, s + 1]."""
-    import numpy as np
-    import torch
-
-    if data.get("mock"):
-        from megatron_tempnet.training.batches import MockTokens
-
-        ds = MockTokens(vocab_size, seq_length, 64, seed=987654)  # a seed no training run uses
-        return torch.stack([torch.cat([ds[i]["tokens"], ds[i]["labels"][-1:]]) for i in range(len(ds))]).long()
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in data["heldout"]:
-        ds = IndexedDataset(prefix)
-        parts.extend(np.asarray(ds[i], dtype=np.int64) for i in range(len(ds)))
-    tokens = torch.from_numpy(np.concatenate(parts))
-    n = (tokens.numel() - 1) // seq_length
-    return tokens[torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1).unsqueeze(0)]
-
-
 class Windows:
     """Map-style dataset of held-out windows in the trainer's item format."""
 
@@ -122,13 +102,6 @@ class Windows:
 
         w = self.windows[i]
         return {"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(w.numel() - 1)}
-
-
-def spread_subset(windows, count: int):
-    n = windows.size(0)
-    if count <= 0 or count >= n:
-        return windows
-    return windows[[int(i * n / count) for i in range(count)]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,22 +134,6 @@ def run_flags(run: str, s: dict, data: dict, teacher_dir: str) -> List[str]:
     return flags
 
 
-def _train_dataset(cfg):
-    from megatron_tempnet.training.batches import MockTokens
-
-    t, m = cfg.train, cfg.model
-    n = t.train_iters * t.global_batch_size
-    if cfg.data.mock_data:
-        return MockTokens(m.vocab_size, m.seq_length, n, seed=t.seed)
-    from megatron_tempnet.data.datasets import build_gpt_datasets
-    from megatron_tempnet.data.tokenizer import load_tokenizer
-
-    train, _, _ = build_gpt_datasets(cfg.data.data_path, cfg.data.split, m.seq_length, 1234,  # same order for all
-                                     load_tokenizer(cfg.data.tokenizer_model), (n, 0, 0), cfg.data.data_cache_path,
-                                     create_attention_mask=False)
-    return train
-
-
 def train_run(spec: dict) -> dict:
     """Train one run and evaluate it on the held-out windows (needs RANK/WORLD_SIZE/MASTER_* set)."""
     import torch
@@ -198,7 +155,7 @@ def train_run(spec: dict) -> dict:
     gbs = cfg.train.global_batch_size
     windows = windows[: (windows.size(0) // gbs) * gbs]  # whole global batches
     curve_windows = spread_subset(windows, s["curve_windows"])
-    iters = data_iterators(cfg, _train_dataset(cfg), 0, 1)
+    iters = data_iterators(cfg, train_dataset(cfg, shuffle_seed=1234), 0, 1)  # the same order for every run
     setup_s = time.perf_counter() - t0
 
     def heldout(w) -> dict:

@@ -68,7 +68,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from benchmarks._shared import git_commit, single_rank_worker  # noqa: E402
+from benchmarks._shared import (  # noqa: E402
+    git_commit, heldout_windows, single_rank_worker, spread_subset, train_dataset)
 
 DEFAULT_OUTPUT_PREFIX = os.path.join(REPO, "benchmarks", "results", "tempnet_ablation")
 DEFAULT_WORK_DIR = os.path.join(REPO, "runs", "tempnet_ablation")
@@ -329,37 +330,6 @@ def prepare_data(args: argparse.Namespace, vocab_size: int) -> dict:
             "vocab_size": vocab_size, "heldout_docs": heldout_docs, "description": desc}
 
 
-def heldout_windows(data: dict, seq_length: int, vocab_size: int):
-    """All held-out tokens (documents in order, EOD-separated, as preprocessed) cut into consecutive,
-    non-overlapping windows of seq_length + 1 tokens: [n, seq_length + 1] int64. The same for every run."""
-    import numpy as np
-    import torch
-
-    if data.get("mock"):
-        from megatron_tempnet.training.batches import MockTokens
-
-        ds = MockTokens(vocab_size, seq_length, 64, seed=987654)  # a fixed seed no training run uses
-        return torch.stack([torch.cat([ds[i]["tokens"], ds[i]["labels"][-1:]]) for i in range(len(ds))]).long()
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in data["heldout"]:
-        ds = IndexedDataset(prefix)
-        parts.extend(np.asarray(ds[i], dtype=np.int64) for i in range(len(ds)))
-    tokens = torch.from_numpy(np.concatenate(parts))
-    n = (tokens.numel() - 1) // seq_length
-    idx = torch.arange(n).unsqueeze(1) * seq_length + torch.arange(seq_length + 1).unsqueeze(0)
-    return tokens[idx]
-
-
-def spread_subset(windows, count: int):
-    """`count` windows spread evenly over all of them (0 or more than there are: all)."""
-    n = windows.size(0)
-    if count <= 0 or count >= n:
-        return windows
-    return windows[[int(i * n / count) for i in range(count)]]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One run (inside a fresh process with a 1-rank group)
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,22 +387,6 @@ def heldout_metrics(model_chunk, windows, vocab_size: int, micro_batch_size: int
     }
 
 
-def _train_dataset(cfg):
-    from megatron_tempnet.training.batches import MockTokens
-
-    t, m = cfg.train, cfg.model
-    n = t.train_iters * t.global_batch_size
-    if cfg.data.mock_data:
-        return MockTokens(m.vocab_size, m.seq_length, n, seed=t.seed)
-    from megatron_tempnet.data.datasets import build_gpt_datasets
-    from megatron_tempnet.data.tokenizer import load_tokenizer
-
-    train, _, _ = build_gpt_datasets(cfg.data.data_path, cfg.data.split, m.seq_length, t.seed,
-                                     load_tokenizer(cfg.data.tokenizer_model), (n, 0, 0), cfg.data.data_cache_path,
-                                     create_attention_mask=False)
-    return train
-
-
 def train_arm(spec: dict) -> dict:
     """Train one (arm, seed) and evaluate it on the held-out windows. Needs RANK/WORLD_SIZE/MASTER_* set (a 1-rank
     group is started here). spec: arm, seed, settings, data, cache_dir; optional overrides ({"section.field": value}
@@ -456,7 +410,7 @@ def train_arm(spec: dict) -> dict:
     if s.get("eval_windows"):
         windows = spread_subset(windows, s["eval_windows"])
     curve_windows = spread_subset(windows, s["curve_windows"])
-    iters = data_iterators(cfg, _train_dataset(cfg), 0, len(model))
+    iters = data_iterators(cfg, train_dataset(cfg, shuffle_seed=cfg.train.seed), 0, len(model))
     setup_s = time.perf_counter() - t0
 
     losses, curve, step_times = [], [], []
