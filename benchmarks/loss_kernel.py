@@ -284,7 +284,12 @@ def main(argv=None):
     methods = (a.methods.split(",") if a.methods
                else (["reference", "torch", "triton", "cce"] if a.device == "cuda" else ["reference", "torch"]))
     kinds = a.kinds.split(",")
-    tau_range = [float(x) for x in a.tau_range.split(",")]
+    try:
+        tau_range = [float(x) for x in a.tau_range.split(",")]
+    except ValueError:
+        tau_range = []
+    if len(tau_range) != 2 or not 0 < tau_range[0] <= tau_range[1]:
+        p.error(f"--tau-range takes LO,HI with 0 < LO <= HI, e.g. 0.01,0.1; got {a.tau_range!r}")
     if a.filter_eps is not None:
         eps_list = [float(x) for x in a.filter_eps.split(",") if x]
         eps_shapes = shapes

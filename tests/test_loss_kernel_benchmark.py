@@ -19,3 +19,9 @@ def test_rows_for_low_temperatures():
         assert "error" not in r, r
         assert r["tau_range"] == [0.01, 0.1] and r["seconds"] > 0 and r["peak_mb"] >= 0
     assert rows[1]["peak_ratio"] > 0  # the fused row is compared with the reference row of the same shape
+
+
+def test_bad_tau_range_is_refused():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "loss_kernel.py"), "--tau-range", "0,1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "0 < LO <= HI" in out.stderr and not out.stdout
