@@ -75,7 +75,6 @@ def main(argv=None) -> None:
     from megatron_tempnet.data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
-    os.environ.setdefault("MASTER_PORT", "29533")
     rows = build_rows(args)
     times = interleaved_step_seconds([step for _, _, step in rows], args.warmup, args.steps)
     cost = {}

@@ -155,7 +155,6 @@ def main(argv=None) -> None:
     from megatron_tempnet.data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
-    os.environ.setdefault("MASTER_PORT", "29531")
     specs = [(tempnet, impl, fp8) for fp8 in ([False, True] if args.fp8 else [False])
              for tempnet, impl in ((False, "reference"), (False, "fused"), (True, "reference"), (True, "fused"))]
     if platform.use_cuda():  # one stack at a time: a GPU holds one large model's training state, not four

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,7 +87,14 @@ def discover_env(environ: Optional[dict] = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")),
             master_port=int(env.get("MASTER_PORT", port)),
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+    # A lone process agrees its port with nobody: any free one, so that single-process runs can share a machine.
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def use_cuda() -> bool:

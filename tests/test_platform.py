@@ -19,7 +19,10 @@ def test_slurm_environment_without_hand_set_variables():
 
 
 def test_single_process_default():
-    assert platform.discover_env({}).world_size == 1
+    env = platform.discover_env({})
+    assert (env.rank, env.world_size) == (0, 1)
+    assert env.master_port > 0  # a free port of its own, so that single-process runs can share a machine
+    assert platform.discover_env({"MASTER_PORT": "4321"}).master_port == 4321
 
 
 def test_slurm_nodelist_forms():
