@@ -441,7 +441,7 @@ def test_default_chunk_size_bounds_the_working_set():
 
 def test_cpu_exp_stays_in_the_normal_range():
     """On a CPU, exp's arguments are clamped where the result would be subnormal (a slow path there, common at
-    low temperatures); the terms change by less than the smallest normal float, and the loss not at all."""
+    low temperatures); those terms change by less than twice the smallest normal float."""
     from tempnet_kernels.dro_cce import _EXP_FLOOR_ON_CPU, _exp_nonpositive
 
     s = torch.cat([-torch.logspace(-3, 4, 2000), torch.zeros(1)])
