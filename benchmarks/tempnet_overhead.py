@@ -17,6 +17,7 @@ which cancels the machine's drift between rounds. The differences split TempNet'
 learned temperature (constant_tau), TempNet's forward (forward_only - constant_tau) and its backward with the
 gradients to its parameters (tempnet - forward_only). The middle rows replace TempNet's forward on their model
 instance; they measure, they do not train anything meaningful. One JSON line per row, then the split.
+All four stacks are alive at once: meant for small configs (on a GPU, configs whose four training states fit).
 """
 from __future__ import annotations
 
