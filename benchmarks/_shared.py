@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import warnings
 from typing import Callable
@@ -35,9 +34,7 @@ def single_rank_worker(spec_path: str, out_path: str, run: Callable[[dict], dict
         spec = json.load(f)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = platform.free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         row = run(spec)

@@ -88,10 +88,11 @@ def discover_env(environ: Optional[dict] = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", port)),
         )
     # A lone process agrees its port with nobody: any free one, so that single-process runs can share a machine.
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port())
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

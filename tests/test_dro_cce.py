@@ -5,11 +5,11 @@ The Triton kernel under TRITON_INTERPRET=1 is tested in test_dro_cce_triton.py (
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import free_port
 
 from tempnet_kernels.dro_cce import (
     linear_dro_cross_entropy,
@@ -299,12 +299,6 @@ TP_CASES = {
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
@@ -349,7 +343,7 @@ def test_tensor_parallel_equals_single_rank(tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_tp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_tp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name, (V, V_pad) in TP_CASES.items():
         hidden, weight, targets, tau, up = make_inputs(V=V, V_pad=V_pad)

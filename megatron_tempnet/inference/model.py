@@ -68,14 +68,8 @@ def ensure_single_process_group(seed: int = 1234) -> None:
         from ..data.cli import quiet_megatron_import_warnings
 
         quiet_megatron_import_warnings()
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a lone process: platform picks it a free port
             os.environ.pop(key, None)
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     platform.init_distributed(1, 1, seed=seed)
 
 
