@@ -40,10 +40,24 @@ def losses(stdout: str) -> list:
 def test_four_ranks_train_and_loss_falls(arch, layout, tmp_path):
     proc = run_trainer(4, ["--config", f"examples/configs/tiny_{arch}.yaml", *LAYOUTS[layout],
                            "--train-iters", "30", "--log-interval", "5", "--eval-interval", "0",
-                           "--tensorboard-dir", str(tmp_path / "tb")])
+                           "--tensorboard-dir", str(tmp_path / "tb"), "--tau-histogram-interval", "10"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = losses(proc.stdout)
     assert len(curve) == 6, proc.stdout
     assert curve[-1] < curve[0] - 0.1, curve
     assert "ppl (tau=1)" in proc.stdout
-    assert any((tmp_path / "tb").iterdir())  # TensorBoard event file written
+    check_tau_histograms(tmp_path / "tb", arch, dp_size=2 if "dp2" in layout else 1)
+
+
+def check_tau_histograms(tb_dir, arch: str, dp_size: int) -> None:
+    """The logging rank's TensorBoard file holds a tau histogram every 10 steps: one value per token of its
+    data-parallel share of the global batch (mock data masks no token), all inside the config's tau bounds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"histograms": 0}).Reload()
+    histograms = events.Histograms("tau/histogram")
+    assert [h.step for h in histograms] == [10, 20, 30]
+    tau_min, tau_max = {"gpt": (0.5, 5.0), "llama": (0.01, 2.0)}[arch]
+    for h in histograms:
+        assert h.histogram_value.num == 8 * 64 // dp_size  # global batch 8 x sequence 64
+        assert tau_min <= h.histogram_value.min <= h.histogram_value.max <= tau_max

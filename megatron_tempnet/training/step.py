@@ -42,8 +42,8 @@ def loss_func(loss_mask: torch.Tensor, output: LMOutput):
             (ce1.detach() * mask).sum(),
         ])
         report = {"stats": stats}
-        if output.tau is not None:
-            report["tau_values"] = tau[mask.bool()]
+        if output.tau is not None:  # the masked values are picked once per step (_reduce_reports): one host sync
+            report.update(tau=tau, mask=mask)
         return loss_sum, tokens.to(torch.int), report
 
 
@@ -67,9 +67,10 @@ def _reduce_reports(reports: list) -> tuple[torch.Tensor, Optional[torch.Tensor]
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     taus = None
     if last_stage and reports:
-        stats = sum(r["stats"].double().cpu() for r in reports)
-        if "tau_values" in reports[0]:
-            taus = torch.cat([r["tau_values"].cpu() for r in reports])
+        stats = torch.stack([r["stats"] for r in reports]).double().sum(0).cpu()
+        if "tau" in reports[0]:
+            tau, mask = (torch.cat([r[k].reshape(-1) for r in reports]) for k in ("tau", "mask"))
+            taus = tau[mask.bool()].cpu()
     stats = stats.to(platform.device())
     if last_stage:
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
