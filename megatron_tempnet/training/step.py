@@ -67,7 +67,7 @@ def _reduce_reports(reports: list) -> tuple[torch.Tensor, Optional[torch.Tensor]
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     taus = None
     if last_stage and reports:
-        stats = torch.stack([r["stats"] for r in reports]).double().sum(0).cpu()
+        stats = torch.stack([r["stats"] for r in reports]).double().sum(0)
         if "tau" in reports[0]:
             tau, mask = (torch.cat([r[k].reshape(-1) for r in reports]) for k in ("tau", "mask"))
             taus = tau[mask.bool()].cpu()
