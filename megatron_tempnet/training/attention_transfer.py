@@ -182,10 +182,11 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
     the frozen, non-FP8 teacher does not use them."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from .checkpointing import _dist_load, _sd_metadata, checkpoint_tensor_shapes, model_sharded_state_dict
+    from .checkpointing import (checkpoint_tensor_shapes, model_sharded_state_dict, safe_dist_load,
+                                sharded_state_dict_metadata)
 
     shapes = checkpoint_tensor_shapes(ckpt)
-    metadata = _sd_metadata()
+    metadata = sharded_state_dict_metadata()
     sd = {}
     for i, chunk in enumerate(chunks):
         chunk_sd = model_sharded_state_dict(chunk, metadata)
@@ -199,7 +200,7 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
                     f"teacher checkpoint {ckpt}: {sh.key} should have shape {tuple(sh.global_shape)}, found {found}; "
                     f"the checkpoint does not match its own configuration file; pass another teacher to {_FLAG}")
         sd[f"model{i}"] = chunk_sd
-    loaded = _dist_load(sd, ckpt)
+    loaded = safe_dist_load(sd, ckpt)
     for i, chunk in enumerate(chunks):
         missing, _ = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -200,7 +200,8 @@ def _unwrap(model: torch.nn.Module):
     return model
 
 
-def _sd_metadata() -> dict:
+def sharded_state_dict_metadata() -> dict:
+    """The `metadata` megatron-core's sharded_state_dict methods take, for how this project saves and loads."""
     from megatron.core import parallel_state
 
     return {
@@ -226,7 +227,7 @@ def tempnet_sharded_state_dict(tempnet: torch.nn.Module, prefix: str = "", shard
 
 def model_sharded_state_dict(chunk: torch.nn.Module, metadata: Optional[dict] = None) -> dict:
     """One model chunk's sharded state dict, TempNet included with W1 split along the vocabulary."""
-    metadata = metadata or _sd_metadata()
+    metadata = metadata or sharded_state_dict_metadata()
     lm = _unwrap(chunk)  # keys without the DDP wrapper's "module." prefix
     sd = lm.sharded_state_dict(prefix="", metadata=metadata)
     tempnet = getattr(lm, "tempnet", None)
@@ -310,7 +311,7 @@ def _init_distributed_optimizer_state(optimizer) -> None:
 
 def _state_dict(model: List[torch.nn.Module], optimizer, scheduler, *, is_loading: bool, with_rng: bool,
                 layout: dict) -> dict:
-    metadata = _sd_metadata()
+    metadata = sharded_state_dict_metadata()
     sd: Dict[str, Any] = {}
     for i, chunk in enumerate(model):
         sd[_model_key(i, len(model))] = model_sharded_state_dict(chunk, metadata)
@@ -460,7 +461,8 @@ def read_checkpoint_tensors(ckpt_dir: str | os.PathLike, prefix: str = "") -> Di
     return out
 
 
-def _dist_load(sharded_state_dict: dict, ckpt_dir: Path) -> dict:
+def safe_dist_load(sharded_state_dict: dict, ckpt_dir: Path) -> dict:
+    """megatron-core's dist_checkpointing.load through the safe strategies; a mismatch is a CheckpointError."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -820,7 +822,7 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
     scheduler_template = sd.pop("scheduler", None)
     if cfg.parallel.use_distributed_optimizer and not saved["parallel"]["use_distributed_optimizer"]:
         _main_params_from_model_weights(sd, ckpt)
-    loaded = _dist_load(sd, ckpt)
+    loaded = safe_dist_load(sd, ckpt)
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))], strict=True)
     opt_sd = loaded["optimizer"]
@@ -851,7 +853,7 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
     if cfg is not None:
         check_model_matches(info["config"], cfg, str(ckpt), tempnet_optional=True)
     shapes = checkpoint_tensor_shapes(ckpt)
-    metadata = _sd_metadata()
+    metadata = sharded_state_dict_metadata()
     sd = {}
     skipped_tempnet = False
     for i, chunk in enumerate(model):
@@ -872,7 +874,7 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
                     f"{ckpt} has no tensor {skey}, which this model needs; it holds another architecture "
                     f"(its config: arch {info['config']['model']['arch']}); pass a checkpoint of this model")
         sd[_model_key(i, len(model))] = chunk_sd
-    loaded = _dist_load(sd, ckpt)
+    loaded = safe_dist_load(sd, ckpt)
     for i, chunk in enumerate(model):
         missing, _ = _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))], strict=False)
         missing = [k for k in missing if not k.startswith("tempnet.") and not k.endswith("_extra_state")]
