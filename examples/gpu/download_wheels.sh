@@ -20,12 +20,11 @@ py=${PYTHON:-python3}
 plat=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64)
 # Binary wheels, pinned: the TE core library, TE's meta package (transformer_engine reads its own version from
-# it), megatron-core, cut-cross-entropy (the loss kernel's comparison), and TE's run-time and build-time Python
-# dependencies that the GPU machine may lack (pydantic: TE's recipes; einops: TE's attention; wheel: the
-# sdist's setup.py imports it). They are installed there only if missing.
+# it), megatron-core, cut-cross-entropy (the loss kernel's comparison), and pydantic with its dependencies (TE's
+# recipes import it; the GPU image lacks it). Everything else TE and its build need is in that image
+# (einops, wheel, packaging, pybind11, nvidia-cudnn-cu13, nvidia-nccl-cu13; see examples/gpu/README.md).
 binaries=(transformer-engine-cu13==$TE transformer-engine==$TE megatron-core==0.16.1 cut-cross-entropy==25.1.1
-          pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-          typing-extensions==4.16.0 einops==0.8.2 wheel==0.48.0 psutil==7.2.2 pyyaml==6.0.4)
+          pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
 "$py" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" -d "$dl" "${binaries[@]}"
 # The published sha256 of each: pip's resolution report carries the hash of PyPI's index link.
 "$py" -m pip install -q --dry-run --ignore-installed --no-deps --only-binary=:all: "${plat[@]}" \
