@@ -89,7 +89,8 @@ def locate_headers(dirs: List[Path], headers: Iterable[str] = REQUIRED_HEADERS) 
 
 def build_env(torch_cuda: Optional[str], nvcc: Path, release: str, site_dirs: List[Path],
               jobs: int) -> Dict[str, str]:
-    """The environment for `pip wheel --no-build-isolation --no-deps` of the sdist; refuses what cannot build."""
+    """The environment for `pip wheel --no-index --no-build-isolation --no-deps` of the sdist (build_te.sh);
+    refuses what cannot build."""
     if torch_cuda is None:
         raise Refused("this torch is a CPU build; the TE PyTorch extension compiles against a CUDA torch (GPU machine)")
     if torch_cuda.split(".")[0] != release.split(".")[0]:
@@ -109,8 +110,6 @@ def build_env(torch_cuda: Optional[str], nvcc: Path, release: str, site_dirs: Li
         "NVTE_RELEASE_BUILD": "0",
         "MAX_JOBS": str(jobs),
         "NVTE_BUILD_MAX_JOBS": str(jobs),
-        "PIP_NO_INDEX": "1",
-        "PIP_NO_BUILD_ISOLATION": "0",  # pip's odd spelling: this *disables* build isolation
     }
 
 
