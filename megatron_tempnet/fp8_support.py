@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Callable, Optional, Tuple
+import os
+from typing import Callable, Dict, Optional, Tuple
 
 RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 #: megatron-core 0.16.1 declares Transformer Engine >= 2.9, < 2.12.
@@ -23,22 +24,24 @@ _TE_CHECKS = {"delayed": "is_fp8_available", "tensorwise": "is_fp8_available",
               "blockwise": "is_fp8_block_scaling_available", "mxfp8": "is_mxfp8_available"}
 
 
-def _te_probe() -> Optional[Tuple[str, Tuple[int, int], Callable[[str], Tuple[bool, str]]]]:
-    """(TE version, GPU compute capability, recipe -> (supported, reason)), or None where it cannot be told."""
+def _te_probe() -> Optional[Tuple[str, Tuple[int, int], Dict[str, Tuple[bool, str]]]]:
+    """(TE version, GPU compute capability, {recipe: (supported, reason)}), or None where it cannot be told.
+    Asked on this rank's own GPU (LOCAL_RANK), so that no rank opens a CUDA context on another's."""
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
         return None
     import transformer_engine.pytorch as te
 
-    def check(recipe: str) -> Tuple[bool, str]:
-        fn = getattr(te, _TE_CHECKS[recipe], None)
-        if fn is None:  # a TE without this check: TE itself refuses at the first FP8 step
-            return True, ""
-        ok, reason = fn(return_reason=True)
-        return bool(ok), str(reason)
-
-    return importlib.metadata.version("transformer-engine"), torch.cuda.get_device_capability(), check
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    with torch.cuda.device(local):
+        support = {}
+        for recipe, name in _TE_CHECKS.items():
+            fn = getattr(te, name, None)  # a TE without this check: TE itself refuses at the first FP8 step
+            ok, reason = fn(return_reason=True) if fn is not None else (True, "")
+            support[recipe] = (bool(ok), str(reason))
+        capability = torch.cuda.get_device_capability()
+    return importlib.metadata.version("transformer-engine"), capability, support
 
 
 def _version_tuple(version: str) -> Tuple[int, int]:
@@ -52,15 +55,15 @@ def recipe_problem(recipe: str, probe: Optional[Callable] = None) -> Optional[st
     found = (probe or _te_probe)()
     if found is None:
         return None
-    version, capability, check = found
+    version, capability, support = found
     lo, hi = TE_VERSIONS
     if not lo <= _version_tuple(version) < hi:
         return (f"Transformer Engine {version} is installed but megatron-core 0.16.1 supports {lo[0]}.{lo[1]} <= TE "
                 f"< {hi[0]}.{hi[1]}; install transformer-engine 2.11.0 (examples/gpu/README.md)")
-    ok, reason = check(recipe)
+    ok, reason = support[recipe]
     if ok:
         return None
-    usable = [r for r in RECIPES if r != recipe and check(r)[0]]
+    usable = [r for r in RECIPES if r != recipe and support[r][0]]
     fix = f"use --fp8-recipe {' or '.join(usable)}" if usable else "drop --fp8-format (no FP8 recipe runs here)"
     return (f"--fp8-recipe {recipe} cannot run on this GPU (compute capability {capability[0]}.{capability[1]}, "
             f"Transformer Engine {version}): {reason.strip() or 'not supported'}; {fix}")

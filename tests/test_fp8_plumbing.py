@@ -97,7 +97,8 @@ def test_te_spec_gpt_and_llama_train_in_bf16_and_fp8():
             if recipe and fp8_support.recipe_problem(recipe):
                 continue
             fp8 = dict(fp8__fp8_format="hybrid", fp8__fp8_recipe=recipe) if recipe else {}
-            cfgs.append(tiny_config(arch, model__hidden_size=128, model__num_attention_heads=4, train__precision="bf16",
+            cfgs.append(tiny_config(arch, model__hidden_size=128, model__num_attention_heads=4, model__seq_length=64,
+                                    train__precision="bf16",
                                     loss__loss_impl="fused", model__transformer_impl="transformer_engine",
                                     train__train_iters=4, **fp8))
             names.append((arch, recipe or "bf16"))
@@ -114,7 +115,8 @@ def _probe(version, capability, supported):
     """A stand-in for Transformer Engine's own checks on a given GPU (fp8_support._te_probe)."""
     reasons = {"blockwise": "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9.",
                "mxfp8": "Device compute capability 10.0 or higher required for MXFP8 execution."}
-    return lambda: (version, capability, lambda r: (r in supported, "" if r in supported else reasons.get(r, "no")))
+    return lambda: (version, capability, {r: (r in supported, "" if r in supported else reasons.get(r, "no"))
+                                          for r in ("delayed", "tensorwise", "blockwise", "mxfp8")})
 
 
 HOPPER = _probe("2.11.0", (9, 0), {"delayed", "tensorwise", "blockwise"})

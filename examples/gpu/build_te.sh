@@ -10,7 +10,8 @@ cd "$repo"
 $PY examples/gpu/wheel_pieces.py join --root "$GPU_WHEELS" --out "$GPU_WHEELS/joined"
 built="$GPU_WHEELS/built"
 if ! ls "$built"/transformer_engine_torch-*.whl >/dev/null 2>&1; then
-  eval "$($PY examples/gpu/te_build_env.py)"  # CUDA_HOME, CPLUS_INCLUDE_PATH, NVTE_*, MAX_JOBS (see that file)
+  build_env=$($PY examples/gpu/te_build_env.py) || exit 1  # its one-line refusal is already on stderr
+  eval "$build_env"  # CUDA_HOME, CPLUS_INCLUDE_PATH, NVTE_*, MAX_JOBS (see that file)
   src=$(mktemp -d /tmp/te-torch-src.XXXXXX)  # outside this git repository: no "+commit" in the version
   tar xzf "$GPU_WHEELS"/small/transformer_engine_torch-*.tar.gz -C "$src"
   start=$(date +%s)
@@ -18,7 +19,7 @@ if ! ls "$built"/transformer_engine_torch-*.whl >/dev/null 2>&1; then
     > "$GPU_WHEELS/build.log" 2>&1 || { tail -30 "$GPU_WHEELS/build.log"; echo "refused: the TE extension did not build (log above)"; exit 1; }
   echo "transformer-engine-torch built in $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
 fi
-$PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$GPU_SITE" \
+$PY -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --upgrade --target "$GPU_SITE" \
   "$GPU_WHEELS"/joined/transformer_engine_cu13-*.whl "$GPU_WHEELS"/small/transformer_engine-*.whl \
   "$built"/transformer_engine_torch-*.whl
 if [ -n "${OUT:-}" ]; then

@@ -16,7 +16,7 @@ for wheel in "$GPU_WHEELS"/small/*.whl; do
   $PY -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$dist" 2>/dev/null || need+=("$wheel")
 done
 if [ ${#need[@]} -gt 0 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target "$GPU_SITE" "${need[@]}"
+  $PY -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --target "$GPU_SITE" "${need[@]}"
 fi
 echo "installed into .gpu-site: ${need[*]##*/}"
 $PY -c "import megatron.core, cut_cross_entropy, pydantic, tempnet_kernels.dro_cce; print('imports: megatron-core', megatron.core.__version__, '| cut-cross-entropy, pydantic, tempnet_kernels ok')"
