@@ -44,7 +44,7 @@ for p in "${parts[@]}"; do
       part tests 240 gpu_tests.log $PY -m pytest -q -m gpu tests -p no:cacheprovider ;;
     loss-kernel)
       shapes=8192x32000x2048,8192x128256x4096
-      part loss-kernel 150 loss_kernel.jsonl $PY benchmarks/loss_kernel.py --device cuda --dtype bfloat16 \
+      part loss-kernel 200 loss_kernel.jsonl $PY benchmarks/loss_kernel.py --device cuda --dtype bfloat16 \
         --shapes $shapes --kinds loss --methods reference,triton,triton-lowmem,cce --repeats 5 --backward-memory-mib 32
       part loss-kernel-8mib 60 loss_kernel_8mib.jsonl $PY benchmarks/loss_kernel.py --device cuda --dtype bfloat16 \
         --shapes $shapes --kinds loss --methods triton-lowmem --filter-eps "" --repeats 5 --backward-memory-mib 8 ;;
