@@ -128,7 +128,7 @@ class FP8Config:
     two O(log V) terms (rho - KL), which neither bf16's 8-bit nor FP8's 3-bit mantissa resolves."""
 
     fp8_format: Optional[str] = None  # None (off), "e4m3", "hybrid" (e4m3 forward, e5m2 gradients)
-    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "mxfp8" (Blackwell), "blockwise"
+    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "blockwise" (Hopper and later); "mxfp8" (Blackwell only)
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
 
@@ -328,6 +328,43 @@ def _choice(value: Any, choices: tuple, what: str) -> None:
         raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+def _validate_fp8(cfg: Config, *, cuda_available: bool, te_available: bool) -> None:
+    """FP8 through Transformer Engine: BF16 weights (fp32 master copies in the optimizer), a recipe that the
+    installed TE runs on this GPU (fp8_support.py), and matrix dimensions that FP8 products accept."""
+    from . import fp8_support
+
+    m, t, f = cfg.model, cfg.train, cfg.fp8
+    _choice(f.fp8_format, ("e4m3", "hybrid"), "--fp8-format")
+    _choice(f.fp8_recipe, fp8_support.RECIPES, "--fp8-recipe")
+    _choice(f.fp8_amax_compute_algo, ("max", "most_recent"), "--fp8-amax-compute-algo")
+    if not cuda_available:
+        raise ConfigError(
+            "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
+            "drop --fp8-format to train in fp32/bf16 here"
+        )
+    if not te_available:
+        raise ConfigError(
+            "--fp8-format needs Transformer Engine; install it on the GPU machine (examples/gpu/README.md) "
+            "or drop --fp8-format"
+        )
+    if m.transformer_impl == "local":
+        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
+    if t.precision in ("fp32", "fp16"):
+        raise ConfigError(f"--fp8-format trains BF16 weights with fp32 master copies; use --precision bf16 (or auto), "
+                          f"not {t.precision}")
+    tp = cfg.parallel.tensor_model_parallel_size
+    tokens = m.seq_length * t.micro_batch_size // (tp if cfg.parallel.sequence_parallel else 1)
+    sizes = {"--hidden-size": m.hidden_size, "FFN size per TP rank": ffn_hidden_size(m) // tp,
+             "tokens per micro-batch and rank (seq-length x micro-batch-size)": tokens}
+    odd = [f"{name} {value}" for name, value in sizes.items() if value % 16]
+    if odd:
+        raise ConfigError(f"FP8 matrix products need dimensions divisible by 16; {', '.join(odd)} is not: "
+                          "change them or drop --fp8-format")
+    problem = fp8_support.recipe_problem(f.fp8_recipe)
+    if problem:
+        raise ConfigError(problem)
+
+
 def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
     """Refuse impossible combinations with a message that names the problem and the fix.
 
@@ -399,21 +436,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
 
     if cfg.fp8.fp8_format is not None:
-        _choice(cfg.fp8.fp8_format, ("e4m3", "hybrid"), "--fp8-format")
-        _choice(cfg.fp8.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"), "--fp8-recipe")
-        _choice(cfg.fp8.fp8_amax_compute_algo, ("max", "most_recent"), "--fp8-amax-compute-algo")
-        if not cuda_available:
-            raise ConfigError(
-                "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
-                "drop --fp8-format to train in fp32/bf16 here"
-            )
-        if not te_available:
-            raise ConfigError(
-                "--fp8-format needs Transformer Engine; install it with `pip install -e .[gpu]` on the GPU machine "
-                "or drop --fp8-format"
-            )
-        if m.transformer_impl == "local":
-            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
+        _validate_fp8(cfg, cuda_available=cuda_available, te_available=te_available)
     if m.transformer_impl == "transformer_engine" and not (cuda_available and te_available):
         raise ConfigError(
             "--transformer-impl transformer_engine needs a CUDA GPU with Transformer Engine installed; "
