@@ -201,3 +201,21 @@ def test_shipped_recipe_learns_the_per_token_optimum(single_rank):
         stats = diag.summarize(net(z), tau_opt, None, None, cfg.tau_min, cfg.tau_max)
     assert stats["tau_std"] > 0.1 and stats["spearman_tau_opt"] > 0.8, stats
     assert stats["frac_at_min"] + stats["frac_at_max"] < 0.2, stats
+
+
+@pytest.mark.parametrize("schedule", ["constant", "lm"])
+def test_tempnet_lr_schedule(single_rank, schedule):
+    """constant: TempNet's lr holds at --tempnet-lr after the shared warm-up while the LM's decays; lm: both decay."""
+    from megatron_tempnet.training.model_setup import build_model_chunks
+    from megatron_tempnet.training.optim import build_optimizer, build_scheduler
+
+    cfg = tiny_config("gpt", tempnet__lr_schedule=schedule, tempnet__lr=3e-3, tempnet__min_lr=3e-4, train__lr=1e-2,
+                      train__min_lr=1e-3, train__lr_warmup_iters=2, train__train_iters=10)
+    model = build_model_chunks(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    for _ in range(10):
+        scheduler.step(increment=cfg.train.global_batch_size)
+    lrs = {bool(g.get("max_lr") == 3e-3): g["lr"] for g in optimizer.param_groups}
+    assert lrs[False] == pytest.approx(1e-3)  # the LM at its min_lr
+    assert lrs[True] == pytest.approx(3e-3 if schedule == "constant" else 3e-4)
