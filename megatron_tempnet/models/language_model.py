@@ -135,8 +135,9 @@ class TempNetGPTModel(GPTModel):
             ce_tau = loss.detach() / tau.detach() - (self.rho - log_v)
         ce = diagnostics = None
         if tau is not None and not self.training:  # evaluation reports perplexity at tau = 1 too
-            ce = loss_fn(targets, None, rho=log_v)
+            # first: at TP > 1 megatron-core's cross-entropy at tau = 1 overwrites the logits it is given
             diagnostics = self.tau_diagnostics(hidden_states, None if self.loss_impl == "fused" else logits)
+            ce = loss_fn(targets, None, rho=log_v)
         t = lambda x: x.transpose(0, 1) if x is not None else None  # noqa: E731  [s, b] -> [b, s]
         return LMOutput(loss=t(loss), tau=t(tau), ce_tau=t(ce_tau), ce_at_tau1=t(ce),
                         diagnostics={k: t(v) for k, v in diagnostics.items()} if diagnostics else None)
