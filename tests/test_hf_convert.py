@@ -96,11 +96,13 @@ def _remote(folder, **kwargs):
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_converted_logits_and_temperatures_equal_ours(converted, arch):
+    import transformers
+
     root, ours = converted
     folder = root / f"hf_{arch}"
     model = _remote(folder)
     assert type(model).__name__ == "TempNet" + ARCH_CLASS[arch]
-    assert isinstance(model, getattr(__import__("transformers"), ARCH_CLASS[arch]))
+    assert isinstance(model, getattr(transformers, ARCH_CLASS[arch]))
     assert json.loads((folder / "config.json").read_text())["vocab_size"] == VOCAB
     with torch.no_grad():
         logits = model(torch.tensor([PROMPTS[0]])).logits[0].float()
@@ -141,6 +143,20 @@ def test_remote_code_generate_gives_our_tokens_and_temperatures(converted, arch,
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, return_dict_in_generate=True, **hf_kwargs)
     for row, (tokens, taus) in enumerate(ours[arch][setting]["batch"]):
         _assert_same(out.sequences[row, width:].tolist(), out.taus[row], tokens, taus)
+
+
+def test_our_generator_command_line_samples_what_the_fixture_compares(converted):
+    """`python -m megatron_tempnet.generate --seed 3 ...` prints the tokens and temperatures that the tests
+    above compare transformers' generate with."""
+    root, ours = converted
+    proc = subprocess.run([sys.executable, "-m", "megatron_tempnet.generate", "--load", str(root / "gpt"), "--prompt-ids",
+                           " ".join(map(str, PROMPTS[0])), "--max-new-tokens", str(NEW), "--top-k", "40", "--top-p", "0.9",
+                           "--temperature", "0.8", "--seed", "3", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    tokens, taus = ours["gpt"]["filtered"]["alone"][0]
+    assert rec["token_ids"] == tokens
+    torch.testing.assert_close(torch.tensor(rec["taus"]), torch.tensor(taus), atol=1e-5, rtol=0)
 
 
 def test_llama_round_trip_is_identical(converted):
@@ -339,3 +355,22 @@ def test_unsupported_hf_folders_are_refused(tmp_path):
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "only LLaMA" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_converter_help_describes_every_flag():
+    import importlib.util
+
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "Convert between our checkpoints" in proc.stdout
+    assert "--dtype {fp32,bf16,fp16}" in proc.stdout and "trust_remote_code" in proc.stdout
+    spec = importlib.util.spec_from_file_location("convert_to_hf", os.path.join(REPO, "tools", "convert_to_hf.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for action in tool.parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        if not action.required and action.dest not in ("load", "from_hf"):  # (those two: one of them is required)
+            assert "(default: " in action.help, action.dest
+        if action.choices:
+            assert f"{{{','.join(action.choices)}}}" in proc.stdout

@@ -24,12 +24,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", metavar="DIR",
-                     help="our checkpoint to export: a --save folder (its latest) or one iter_N folder")
+                     help="our checkpoint to export: a --save folder (its latest) or one iter_N folder (this or --from-hf "
+                          "is required)")
     src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder; new or empty (required)")
     p.add_argument("--tokenizer-model", metavar="PATH",
@@ -38,10 +39,15 @@ def parse_args(argv=None):
                    help="dtype of the LM's weights in the Hugging Face folder; TempNet stays fp32 (default: fp32)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --load, write into a non-empty --out (default: refuse)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # first: --help and flag errors need no torch
     from megatron_tempnet.data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
@@ -54,7 +60,6 @@ def main(argv=None) -> int:
     from megatron_tempnet.hf.convert import ConversionError
     from megatron_tempnet.hf.io import export_to_hf, import_from_hf
 
-    args = parse_args(argv)
     try:
         if args.load:
             out = export_to_hf(args.load, args.out, tokenizer_model=args.tokenizer_model, dtype=args.dtype,

@@ -28,7 +28,6 @@ from ..config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
 
 SUPPORTED_TO_HF = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 SUPPORTED_FROM_HF = {"llama": "LlamaForCausalLM"}
-TEMPNET_CLASSES = {"gpt": "TempNetGPT2LMHeadModel", "llama": "TempNetLlamaForCausalLM"}  # modeling_tempnet.py
 
 
 class ConversionError(ValueError):
@@ -52,8 +51,7 @@ def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] 
     from .configuration_tempnet import TempNetGPT2Config, TempNetLlamaConfig
 
     m = cfg.model
-    extra = {"tempnet": tempnet, "architectures": [TEMPNET_CLASSES[m.arch]]} if tempnet else {
-        "architectures": [SUPPORTED_TO_HF[m.arch]]}
+    extra = {"tempnet": tempnet} if tempnet else {}  # (save_pretrained writes the architectures)
     heads, groups, hd, _ = _dims(m)
     positions = m.max_position_embeddings or m.seq_length
     bos, eos, pad = special_ids.get("bos"), special_ids.get("eos"), special_ids.get("pad")
@@ -65,7 +63,7 @@ def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] 
             n_head=heads, n_inner=ffn_hidden_size(m), activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, layer_norm_epsilon=m.norm_epsilon, initializer_range=m.init_method_std,
             scale_attn_weights=True, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
-            pad_token_id=pad, dtype="float32", **extra)
+            pad_token_id=pad, architectures=["GPT2LMHeadModel"], dtype="float32", **extra)
     from transformers import LlamaConfig
 
     return (TempNetLlamaConfig if tempnet else LlamaConfig)(
@@ -74,7 +72,7 @@ def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] 
         hidden_act="silu", max_position_embeddings=positions, initializer_range=m.init_method_std,
         rms_norm_eps=m.norm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad, dtype="float32", **extra)
+        pad_token_id=pad, architectures=["LlamaForCausalLM"], dtype="float32", **extra)
 
 
 def _split_qkv(w: torch.Tensor, m: ModelConfig):

@@ -52,9 +52,9 @@ def _special_ids(tokenizer_model: Optional[str]) -> dict:
 def _hf_model_class(hcfg):
     """The transformers class of a config from hf_config: modeling_tempnet's when it carries TempNet."""
     if getattr(hcfg, "tempnet", None):
-        from .modeling_tempnet import TempNetGPT2LMHeadModel, TempNetLlamaForCausalLM
+        from .modeling_tempnet import TEMPNET_MODELS
 
-        return TempNetGPT2LMHeadModel if hcfg.model_type == "gpt2" else TempNetLlamaForCausalLM
+        return TEMPNET_MODELS[hcfg.model_type]
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     return GPT2LMHeadModel if hcfg.model_type == "gpt2" else LlamaForCausalLM
@@ -134,14 +134,13 @@ def load_hf_model(folder: str | os.PathLike):
         tempnet, _ = check_folder(folder)
         if tempnet is None:
             return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto"), None
-        from .modeling_tempnet import TempNetGPT2LMHeadModel, TempNetLlamaForCausalLM
+        from .modeling_tempnet import TEMPNET_MODELS
 
         model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-        classes = {"gpt2": TempNetGPT2LMHeadModel, "llama": TempNetLlamaForCausalLM}
-        if model_type not in classes:
+        if model_type not in TEMPNET_MODELS:
             raise GenerationError(f"{folder}: TempNet on a {model_type!r} model, which tools/convert_to_hf.py does not "
                                   "write; pass a folder it wrote (GPT-2 or LLaMA)")
-        model = classes[model_type].from_pretrained(str(folder), dtype="auto")
+        model = TEMPNET_MODELS[model_type].from_pretrained(str(folder), dtype="auto")
     except TempNetFolderError as err:
         raise GenerationError(str(err)) from None
     return model, model.tempnet

@@ -13,7 +13,9 @@ The models are GPT2LMHeadModel / LlamaForCausalLM plus `tempnet`, a TempNetHead 
 TempNetLogitsProcessor: each next-token distribution is softmax(z / tau / temperature) with tau TempNet's
 temperature for that position, then top-k / top-p, then sampling, in the order and with the random draws of
 `python -m megatron_tempnet.generate` (on CPU, `torch.manual_seed(seed)` before `generate` gives the tokens
-of `--seed seed`). `generate(..., use_tempnet=False)` samples the plain LM (tau = 1).
+of `--seed seed`; transformers' top-p keeps the same tokens as ours, summed from the other end of the sorted
+list, so only a token within float rounding of the top-p boundary can differ). `generate(...,
+use_tempnet=False)` samples the plain LM (tau = 1).
 
 The temperatures: `out.taus` with return_dict_in_generate=True, and `model.last_tempnet_taus` after every call
 (also after a pipeline's): [rows, new tokens] fp32, tau of the token each row sampled at each step, NaN after
@@ -108,5 +110,6 @@ class TempNetLlamaForCausalLM(TempNetGenerationMixin, LlamaForCausalLM):
         self._attach_tempnet(config)
 
 
-TempNetGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")
-TempNetLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+TEMPNET_MODELS = {"gpt2": TempNetGPT2LMHeadModel, "llama": TempNetLlamaForCausalLM}  # by config.json's model_type
+for _model in TEMPNET_MODELS.values():
+    _model.register_for_auto_class("AutoModelForCausalLM")
