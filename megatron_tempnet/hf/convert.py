@@ -144,7 +144,8 @@ def tempnet_to_hf(cfg: Config, sd: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[
     t, V = cfg.tempnet, cfg.model.vocab_size
     kind = getattr(t, "kind", "network")
     config = {"kind": kind, "tau_min": t.tau_min, "tau_max": t.tau_max, "vocab_size": V,
-              "hidden_size": t.hidden_size, "input_variant": t.input_variant}
+              "hidden_size": t.hidden_size, "input_variant": t.input_variant,
+              "scale_input": bool(getattr(t, "scale_input", False))}
     tensors = {k[len("tempnet."):]: v.detach().clone().contiguous() for k, v in sd.items()
                if k.startswith("tempnet.") and isinstance(v, torch.Tensor)}
     if "w1" in tensors:

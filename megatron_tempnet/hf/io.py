@@ -203,8 +203,9 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
         t = cfg.tempnet
         t.enabled, t.tau_min, t.tau_max = True, tn_cfg["tau_min"], tn_cfg["tau_max"]
         t.hidden_size, t.input_variant = tn_cfg.get("hidden_size", t.hidden_size), tn_cfg.get("input_variant", "normalized")
-        if hasattr(t, "kind"):
-            t.kind = tn_cfg.get("kind", "network")
+        for name, default in (("kind", "network"), ("scale_input", False)):  # (fields of newer configs)
+            if hasattr(t, name):
+                setattr(t, name, tn_cfg.get(name, default))
         tn_tensors = {k[len(WEIGHT_PREFIX):]: v for k, v in hf_weights.items() if k.startswith(WEIGHT_PREFIX)}
         sd.update(tempnet_from_hf(tn_cfg, tn_tensors, padded_vocab_size(cfg.model)))
     ensure_single_process_group(seed)

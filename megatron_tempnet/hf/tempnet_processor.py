@@ -13,7 +13,7 @@ others off so TempNet sees the raw logits it was trained on (it treats masked, n
 
 TempNet (Qiu et al. 2024), as trained by megatron-tempnet:
     x = z / ||z||   (input_variant "max_shifted": z - max z instead of z)
-    h = W2 sigmoid(W1 x + b1) + b2 ;  w = softmax(h / exp(s))
+    h = W2 sigmoid(W1 x + b1 [+ u log RMS(z)]) + b2 ;  w = softmax(h / exp(s))   (u: with scale_input)
     tau = tau_min + (tau_max - tau_min) * sigmoid(a . ((w - 1/d) * h) + c)
 kind "global" is one learned temperature for every token: tau = tau_min + (tau_max - tau_min) sigmoid(theta).
 """
@@ -58,6 +58,7 @@ class TempNetHead(torch.nn.Module):
         self.input_variant = config.get("input_variant", "normalized")
         self.w1 = torch.nn.Parameter(torch.zeros(d, self.vocab_size))
         self.b1 = torch.nn.Parameter(torch.zeros(d))
+        self.scale_weight = torch.nn.Parameter(torch.zeros(d)) if config.get("scale_input") else None  # u
         self.proj = torch.nn.Linear(d, d)
         self.log_scale = torch.nn.Parameter(torch.zeros(()))
         self.last = torch.nn.Linear(d, 1)
@@ -73,8 +74,10 @@ class TempNetHead(torch.nn.Module):
         if self.input_variant == "max_shifted":
             z = z - z.amax(-1, keepdim=True)
         w1z = z @ self.w1.float().t()
-        sq_norm = (z * z).sum(-1)
-        x = w1z / sq_norm.clamp_min(1e-24).sqrt().unsqueeze(-1) + self.b1.float()
+        sq_norm = (z * z).sum(-1).clamp_min(1e-24)
+        x = w1z / sq_norm.sqrt().unsqueeze(-1) + self.b1.float()
+        if self.scale_weight is not None:  # + u log RMS(z), RMS over the true vocabulary
+            x = x + 0.5 * (sq_norm / self.vocab_size).log().unsqueeze(-1) * self.scale_weight.float()
         h = F.linear(torch.sigmoid(x), self.proj.weight.float(), self.proj.bias.float())
         w = F.softmax(h / self.log_scale.float().exp(), dim=-1)
         score = F.linear((w - 1.0 / self.hidden_size) * h, self.last.weight.float(), self.last.bias.float()).squeeze(-1)
