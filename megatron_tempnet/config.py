@@ -104,13 +104,17 @@ class TempNetConfig:
     tau_max: float = 5.0
     dropout: float = 0.0
     input_variant: str = "normalized"  # "normalized": z/||z||; "max_shifted": (z - max z)/||z - max z||
-    lr: float = 1e-4  # TempNet's own learning rate (the paper used 2e-6 .. 1e-4)
-    min_lr: float = 1e-5
+    scale_input: bool = False  # also feed log RMS(z) to the first layer: the per-token optimum scales with z
+    tau_init: Optional[float] = 1.0  # every token's tau at initialisation (sets the last bias); None: the reference's
+    lr: float = 3e-3  # TempNet's own peak learning rate; Adam moves tau by ~lr per step, so lr x steps >~ 1
+    min_lr: float = 3e-4  # with lr_schedule "lm"
+    lr_schedule: str = "constant"  # "constant" after the LM's warm-up (the LLaMA-2 reference); "lm": the LM's decay
 
 
 @dataclass
 class LossConfig:
-    dro_rho: Optional[float] = None  # None: log V, which with tau = 1 is plain cross-entropy
+    dro_rho: Optional[float] = None  # None: log V (cross-entropy at tau = 1), or log V - dro_target_entropy
+    dro_target_entropy: Optional[float] = None  # nats: the entropy DRO aims softmax(z / tau) at, = log V - rho
     objective: str = "dro"  # "dro": tau CE(z/tau) + tau (rho - log V); "tau_ce": CE(z/tau) (ablation)
     loss_impl: str = "auto"  # "fused" (never materialises logits), "reference", or "auto" (whichever wins here)
 
@@ -282,6 +286,39 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     return 4 * cfg.hidden_size
 
 
+def dro_rho(loss: LossConfig, vocab_size: int) -> float:
+    """The DRO radius rho in nats: --dro-rho, else log V - --dro-target-entropy, else log V (which with tau = 1
+    is plain cross-entropy)."""
+    if loss.dro_rho is not None:
+        return loss.dro_rho
+    if loss.dro_target_entropy is not None:
+        return math.log(vocab_size) - loss.dro_target_entropy
+    return math.log(vocab_size)
+
+
+def _validate_dro_target(cfg: Config) -> None:
+    """TempNet trained with the DRO loss needs a target entropy it can reach (DESIGN.md, "Per-token optimum")."""
+    loss, tn = cfg.loss, cfg.tempnet
+    if loss.dro_rho is not None and loss.dro_target_entropy is not None:
+        raise ConfigError("pass --dro-rho or --dro-target-entropy, not both (the target entropy is log V - rho)")
+    if not (tn.enabled and loss.objective == "dro"):
+        return
+    if loss.dro_rho is None and loss.dro_target_entropy is None:
+        raise ConfigError(
+            "TempNet with the DRO objective needs a target: without --dro-rho, rho = log V and the target entropy "
+            "log V - rho is 0, which drives every tau to --tempnet-tau-min; pass --dro-target-entropy NATS "
+            "(e.g. 2.0, the entropy DRO aims each tempered prediction at) or --dro-rho")
+    if cfg.model.vocab_size is None:
+        return  # checked again once the tokenizer gives the vocabulary
+    log_v = math.log(cfg.model.vocab_size)
+    target = log_v - dro_rho(loss, cfg.model.vocab_size)
+    if not 0 < target < log_v:
+        raise ConfigError(
+            f"the DRO target entropy log V - rho = {target:.4g} nats must lie strictly between 0 and "
+            f"log V = {log_v:.4g} for TempNet to have a per-token optimum (0 drives every tau to "
+            f"--tempnet-tau-min); set --dro-target-entropy in (0, {log_v:.4g}) or --dro-rho in (0, {log_v:.4g})")
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
@@ -392,8 +429,14 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     if tn.enabled:
         if not 0 < tn.tau_min < tn.tau_max:
             raise ConfigError(f"TempNet needs 0 < --tempnet-tau-min < --tempnet-tau-max; got {tn.tau_min}, {tn.tau_max}")
+        if tn.tau_init is not None and not tn.tau_min < tn.tau_init < tn.tau_max:
+            raise ConfigError(
+                f"--tempnet-tau-init {tn.tau_init} must lie strictly between --tempnet-tau-min {tn.tau_min} and "
+                f"--tempnet-tau-max {tn.tau_max}")
         if tn.hidden_size < 1:
             raise ConfigError("--tempnet-hidden-size must be positive")
+        _choice(tn.lr_schedule, ("constant", "lm"), "--tempnet-lr-schedule")
+    _validate_dro_target(cfg)
     if t.mode == "frozen_lm" and not tn.enabled:
         raise ConfigError("--mode frozen_lm trains TempNet only; enable it with --tempnet-enabled")
     if t.mode in ("finetune", "frozen_lm") and not cfg.checkpoint.pretrained_checkpoint and not cfg.checkpoint.load:
