@@ -1,10 +1,10 @@
 """Hugging Face conversion: GPT and LLaMA with TempNet saved at TP=2 x PP=2 -> transformers folders whose
-logits and per-token temperatures equal ours, and whose TempNet model (trust_remote_code=True: generate and
-pipeline) samples the tokens, with the temperatures, of our generator at the same seed; without remote code
-the folder is the plain architecture; half a TempNet is refused; LLaMA HF -> ours -> HF is identical; a
-converted LLaMA starts a frozen-LM TempNet run; unsupported folders are refused with the reason."""
+logits and per-token temperatures equal ours (LLaMA's TempNet with the scale input), and whose TempNet model
+(trust_remote_code=True: generate and pipeline) samples the tokens, with the temperatures, of our generator
+at the same seed; without remote code the folder is the plain architecture; half a TempNet is refused;
+LLaMA HF -> ours -> HF is identical; a converted LLaMA starts a frozen-LM TempNet run; unsupported folders
+are refused with the reason."""
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -77,8 +77,12 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     tok = str(root / "tok")
     train_sentencepiece(make_texts(), tok, VOCAB, threads=1)
-    cfgs = [tiny_config(arch, train__train_iters=1, model__vocab_size=VOCAB, data__tokenizer_model=tok + ".model",
-                        checkpoint__save=str(root / arch), **TP2PP2) for arch in ("gpt", "llama")]
+    # TempNet as the reference initialises it (tokens start at different temperatures) and one step at the
+    # full learning rate (so LLaMA's scale input, which starts at 0, counts in the temperatures compared)
+    cfgs = [tiny_config(arch, train__train_iters=1, train__lr_warmup_iters=0, model__vocab_size=VOCAB,
+                        data__tokenizer_model=tok + ".model", checkpoint__save=str(root / arch),
+                        tempnet__tau_init=None, tempnet__scale_input=arch == "llama", **TP2PP2)
+            for arch in ("gpt", "llama")]
     spawn(_train, 4, cfgs)
     ours = spawn(_convert_and_generate, 1, str(root))[0]
     return root, ours
@@ -110,6 +114,8 @@ def test_converted_logits_and_temperatures_equal_ours(converted, arch):
     assert (logits - ours[arch]["logits"]).abs().max() < 1e-4
     assert (model.tempnet(logits) - ours[arch]["tau"]).abs().max() < 1e-4
     assert float(ours[arch]["tau"].std()) > 0  # TempNet gives each position its own temperature
+    if arch == "llama":  # the scale input was trained, so it counts in the temperatures compared
+        assert float(model.tempnet.scale_weight.abs().max()) > 0
 
 
 def _assert_same(tokens, taus, want_tokens, want_taus):
@@ -229,6 +235,7 @@ def test_generation_config_records_tempnet(converted):
         cfg = json.loads((root / f"hf_{arch}" / "config.json").read_text())
         assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_tempnet.TempNet" + ARCH_CLASS[arch]
         assert cfg["model_type"] == ("gpt2" if arch == "gpt" else "llama") and cfg["tempnet"]["tau_min"] == lo
+        assert cfg["tempnet"]["scale_input"] == (arch == "llama")
 
 
 def test_bf16_export_keeps_tempnet_in_fp32(converted):
