@@ -7,7 +7,7 @@
 Every next-token distribution is softmax(z / tau / --temperature) with tau TempNet's temperature for
 that position (--no-tempnet: tau = 1), then --top-k / --top-p. Our checkpoints (saved at any TP/PP) run
 on one process at TP = PP = 1 and re-run the full prefix at every step (no KV cache); Hugging Face folders
-use transformers with its KV cache, and TempNet from the folder's tempnet.safetensors when present.
+use transformers with its KV cache, and TempNet from the folder when it has one.
 Output: the prompt and its continuation per prompt; --print-tau adds each generated token with its tau and
 the sample's tau mean and std; --json prints one JSON object per prompt instead.
 """
@@ -82,15 +82,12 @@ def _backend(args):
         tok_path = args.tokenizer_model or cfg.data.tokenizer_model
         tokenizer = load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
         return MegatronBackend(model), tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from .hf.tempnet_processor import CONFIG_FILE, TempNetHead
+    from .hf.io import load_hf_model
 
     folder = Path(args.hf)
     if not (folder / "config.json").is_file():
         raise GenerationError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
-    head = TempNetHead.from_pretrained(folder) if (folder / CONFIG_FILE).is_file() else None
+    model, head = load_hf_model(folder)
     tok_path = args.tokenizer_model or (str(folder) if (folder / "tokenizer.json").is_file()
                                         or (folder / "tokenizer_config.json").is_file() else None)
     tokenizer = load_tokenizer(tok_path) if tok_path else None

@@ -9,9 +9,11 @@
     python -m megatron_tempnet.train ... --pretrained-checkpoint ckpt/llama --mode frozen_lm --tempnet-enabled
 
 GPT -> GPT2LMHeadModel, LLaMA -> LlamaForCausalLM, weights as safetensors, the tokenizer (tokenizer.json
-built from the sentencepiece model, plus the .model itself), and with TempNet: tempnet.safetensors,
-tempnet_config.json and tempnet_processor.py, whose TempNetLogitsProcessor applies the per-token
-temperatures in `model.generate` (see that file). Runs in one CPU process; no torchrun.
+built from the sentencepiece model, plus the .model itself). With TempNet the folder holds the TempNet model
+(modeling_tempnet.py and the files it imports, auto_map in config.json): loaded with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (or through `pipeline`), its `generate`
+samples with TempNet's per-token temperatures like `python -m megatron_tempnet.generate`; loaded without
+trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun.
 """
 from __future__ import annotations
 
@@ -22,20 +24,30 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="our checkpoint: a --save folder (its latest) or one iter_N folder")
-    src.add_argument("--from-hf", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
-    p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--tokenizer-model", help="tokenizer to ship (default: the one the run was trained with)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype in the HF folder")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (HF export)")
-    return p.parse_args(argv)
+    src.add_argument("--load", metavar="DIR",
+                     help="our checkpoint to export: a --save folder (its latest) or one iter_N folder (this or --from-hf "
+                          "is required)")
+    src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder; new or empty (required)")
+    p.add_argument("--tokenizer-model", metavar="PATH",
+                   help="tokenizer to ship with --load (default: the one the run was trained with)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the LM's weights in the Hugging Face folder; TempNet stays fp32 (default: fp32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --load, write into a non-empty --out (default: refuse)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # first: --help and flag errors need no torch
     from megatron_tempnet.data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
@@ -48,7 +60,6 @@ def main(argv=None) -> int:
     from megatron_tempnet.hf.convert import ConversionError
     from megatron_tempnet.hf.io import export_to_hf, import_from_hf
 
-    args = parse_args(argv)
     try:
         if args.load:
             out = export_to_hf(args.load, args.out, tokenizer_model=args.tokenizer_model, dtype=args.dtype,

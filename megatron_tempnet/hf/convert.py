@@ -1,6 +1,7 @@
 """Weight and config mapping between our models (megatron-core, TP = PP = 1) and Hugging Face transformers.
 
-GPT  <-> GPT2LMHeadModel, LLaMA <-> LlamaForCausalLM (our LLaMA from Hugging Face: LLaMA only).
+GPT  <-> GPT2LMHeadModel, LLaMA <-> LlamaForCausalLM (our LLaMA from Hugging Face: LLaMA only); with TempNet
+their subclasses in modeling_tempnet.py, TempNet's tensors under "tempnet." and its config in config.json.
 
 megatron-core layouts (local spec, TP = 1), and what they become:
 - attention `linear_qkv.weight` [G * (n + 2) * hd, h] is grouped per key/value group g: the n query heads
@@ -19,7 +20,7 @@ megatron-core layouts (local spec, TP = 1), and what they become:
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -44,30 +45,34 @@ def _dims(m: ModelConfig) -> Tuple[int, int, int, int]:
 # ------------------------------------------------------------------------------------------------------
 
 
-def hf_config(cfg: Config, special_ids: Dict[str, int]):
-    """transformers config for our model (true vocabulary, fp32)."""
+def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] = None):
+    """transformers config for our model (true vocabulary, fp32); with `tempnet` (tempnet_to_hf's config) the
+    TempNet model's config (configuration_tempnet.py), which carries it."""
+    from .configuration_tempnet import TempNetGPT2Config, TempNetLlamaConfig
+
     m = cfg.model
+    extra = {"tempnet": tempnet} if tempnet else {}  # (save_pretrained writes the architectures)
     heads, groups, hd, _ = _dims(m)
     positions = m.max_position_embeddings or m.seq_length
     bos, eos, pad = special_ids.get("bos"), special_ids.get("eos"), special_ids.get("pad")
     if m.arch == "gpt":
         from transformers import GPT2Config
 
-        return GPT2Config(
+        return (TempNetGPT2Config if tempnet else GPT2Config)(
             vocab_size=m.vocab_size, n_positions=positions, n_embd=m.hidden_size, n_layer=m.num_layers,
             n_head=heads, n_inner=ffn_hidden_size(m), activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, layer_norm_epsilon=m.norm_epsilon, initializer_range=m.init_method_std,
             scale_attn_weights=True, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
-            pad_token_id=pad, architectures=["GPT2LMHeadModel"], dtype="float32")
+            pad_token_id=pad, architectures=["GPT2LMHeadModel"], dtype="float32", **extra)
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    return (TempNetLlamaConfig if tempnet else LlamaConfig)(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=ffn_hidden_size(m),
         num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=groups, head_dim=hd,
         hidden_act="silu", max_position_embeddings=positions, initializer_range=m.init_method_std,
         rms_norm_eps=m.norm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad, architectures=["LlamaForCausalLM"], dtype="float32")
+        pad_token_id=pad, architectures=["LlamaForCausalLM"], dtype="float32", **extra)
 
 
 def _split_qkv(w: torch.Tensor, m: ModelConfig):
@@ -134,11 +139,13 @@ def to_hf_state_dict(cfg: Config, sd: Dict[str, torch.Tensor]) -> Dict[str, torc
 
 
 def tempnet_to_hf(cfg: Config, sd: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """(tempnet_config.json content, tempnet.safetensors tensors) from our model state dict."""
+    """(config.json's "tempnet" entry, TempNet's tensors without their "tempnet." prefix) from our model
+    state dict."""
     t, V = cfg.tempnet, cfg.model.vocab_size
     kind = getattr(t, "kind", "network")
     config = {"kind": kind, "tau_min": t.tau_min, "tau_max": t.tau_max, "vocab_size": V,
-              "hidden_size": t.hidden_size, "input_variant": t.input_variant}
+              "hidden_size": t.hidden_size, "input_variant": t.input_variant,
+              "scale_input": bool(getattr(t, "scale_input", False))}
     tensors = {k[len("tempnet."):]: v.detach().clone().contiguous() for k, v in sd.items()
                if k.startswith("tempnet.") and isinstance(v, torch.Tensor)}
     if "w1" in tensors:

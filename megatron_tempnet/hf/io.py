@@ -4,11 +4,15 @@ Both run in one process on a 1-rank process group (megatron-core needs one to bu
 our checkpoint, saved at any TP/PP, is loaded at TP = PP = 1 through dist_checkpointing (resharding).
 Callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
 
-The Hugging Face folder holds: config.json, generation_config.json, model.safetensors (fp32 unless a
-dtype is asked for); the tokenizer (tokenizer.json for transformers 5 and the sentencepiece
-tokenizer.model) when the run had a sentencepiece --tokenizer-model; with TempNet: tempnet_config.json,
-tempnet.safetensors and tempnet_processor.py (the LogitsProcessor that applies per-token temperatures
-in `generate`); megatron_tempnet.json (where it came from).
+The Hugging Face folder holds: config.json, generation_config.json (sampling as
+`python -m megatron_tempnet.generate` does by default: do_sample, top_k 0, top_p 1, temperature 1),
+model.safetensors (fp32 unless a dtype is asked for); the tokenizer (tokenizer.json for transformers 5 and
+the sentencepiece tokenizer.model) when the run had a sentencepiece --tokenizer-model; megatron_tempnet.json
+(where it came from). With TempNet, the model is modeling_tempnet.py's (GPT-2 / LLaMA whose generate applies
+TempNet), written by transformers' save_pretrained for custom code: the .py files beside the weights, an
+auto_map in config.json (loaded with trust_remote_code=True), config.json's "tempnet" entry, TempNet's
+weights as the tempnet.* tensors of model.safetensors (fp32 at every --dtype), and a "tempnet" entry in
+generation_config.json that says so.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_config,
                       model_config_from_hf, tempnet_from_hf, tempnet_to_hf, to_hf_state_dict)
-from .tempnet_processor import CONFIG_FILE as TEMPNET_CONFIG, WEIGHTS_FILE as TEMPNET_WEIGHTS
+from .tempnet_processor import WEIGHT_PREFIX, TempNetFolderError, check_folder
 
 SOURCE_FILE = "megatron_tempnet.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,11 +49,33 @@ def _special_ids(tokenizer_model: Optional[str]) -> dict:
     return ids
 
 
+def _hf_model_class(hcfg):
+    """The transformers class of a config from hf_config: modeling_tempnet's when it carries TempNet."""
+    if getattr(hcfg, "tempnet", None):
+        from .modeling_tempnet import TEMPNET_MODELS
+
+        return TEMPNET_MODELS[hcfg.model_type]
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    return GPT2LMHeadModel if hcfg.model_type == "gpt2" else LlamaForCausalLM
+
+
+def _generation_config(special: dict, tempnet: Optional[dict]):
+    """Our generator's defaults (sampling, no top-k / top-p, temperature 1) and a record of TempNet."""
+    from transformers import GenerationConfig
+
+    record = None
+    if tempnet:
+        record = {"kind": tempnet["kind"], "tau_min": tempnet["tau_min"], "tau_max": tempnet["tau_max"],
+                  "applied_by": "modeling_tempnet.py: load with trust_remote_code=True (without it, tau = 1)"}
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, bos_token_id=special.get("bos"),
+                            eos_token_id=special.get("eos"), pad_token_id=special.get("pad"),
+                            **({"tempnet": record} if record else {}))
+
+
 def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str] = None, dtype: str = "fp32",
                  overwrite: bool = False) -> Path:
     """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM
-
     from ..inference.model import load_checkpoint_model
 
     out = Path(out_dir)
@@ -64,14 +90,20 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
         raise ConversionError(f"tokenizer {tokenizer_model} (from the checkpoint's config) does not exist; pass "
                               "--tokenizer-model with the tokenizer the model was trained with")
     special = _special_ids(tokenizer_model)
-    hcfg = hf_config(cfg, special)
-    hf_model = AutoModelForCausalLM.from_config(hcfg)
-    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(cfg, sd), strict=False)
+    tn_config, tn_tensors = tempnet_to_hf(cfg, sd) if cfg.tempnet.enabled else (None, {})
+    hcfg = hf_config(cfg, special, tn_config)
+    hf_model = _hf_model_class(hcfg)(hcfg)
+    weights = to_hf_state_dict(cfg, sd)
+    weights.update({WEIGHT_PREFIX + k: v for k, v in tn_tensors.items()})
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not hcfg.tie_word_embeddings]
     if missing or unexpected:
         raise ConversionError(f"internal mapping error: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if dtype != "fp32":
         hf_model.to(_DTYPES[dtype])
+    if tn_config:
+        hf_model.tempnet.float()  # the temperatures are computed in fp32 at every dtype
+    hf_model.generation_config = _generation_config(special, tn_config)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer_model:
@@ -84,17 +116,34 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
 
             save_hf_tokenizer(tokenizer_model, out, model_max_length=hcfg.max_position_embeddings
                               if hasattr(hcfg, "max_position_embeddings") else hcfg.n_positions)
-    if cfg.tempnet.enabled:
-        from safetensors.torch import save_file
-
-        tn_config, tn_tensors = tempnet_to_hf(cfg, sd)
-        (out / TEMPNET_CONFIG).write_text(json.dumps(tn_config, indent=1))
-        save_file(tn_tensors, str(out / TEMPNET_WEIGHTS))
-        shutil.copy(Path(__file__).with_name("tempnet_processor.py"), out / "tempnet_processor.py")
     source = {"converted_from": str(ckpt), "iteration": json.loads((ckpt / "tempnet_checkpoint.json").read_text())["iteration"],
               "config": cfg.to_dict(), "tempnet": bool(cfg.tempnet.enabled), "tokenizer": bool(tokenizer_model)}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return out
+
+
+def load_hf_model(folder: str | os.PathLike):
+    """(model, TempNetHead or None) of a Hugging Face folder, for generation, without running the folder's
+    code: a TempNet folder through this package's modeling_tempnet, any other causal LM through
+    AutoModelForCausalLM. A folder with half a TempNet is refused (GenerationError)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..inference.generation import GenerationError
+
+    try:
+        tempnet, _ = check_folder(folder)
+        if tempnet is None:
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto"), None
+        from .modeling_tempnet import TEMPNET_MODELS
+
+        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+        if model_type not in TEMPNET_MODELS:
+            raise GenerationError(f"{folder}: TempNet on a {model_type!r} model, which tools/convert_to_hf.py does not "
+                                  "write; pass a folder it wrote (GPT-2 or LLaMA)")
+        model = TEMPNET_MODELS[model_type].from_pretrained(str(folder), dtype="auto")
+    except TempNetFolderError as err:
+        raise GenerationError(str(err)) from None
+    return model, model.tempnet
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -110,7 +159,6 @@ def _load_hf_weights(hf_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     files = sorted(hf_dir.glob("*.safetensors"))
-    files = [f for f in files if f.name != TEMPNET_WEIGHTS]
     if not files:
         bins = sorted(hf_dir.glob("pytorch_model*.bin"))
         if not bins:
@@ -145,20 +193,21 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
     tok_dir_files = [n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).is_file()]
     if tok_dir_files:
         cfg.data.tokenizer_model = str(src.resolve())
-    tempnet = None
-    if (src / TEMPNET_CONFIG).is_file():
-        from safetensors.torch import load_file
-
-        tn_cfg = json.loads((src / TEMPNET_CONFIG).read_text())
+    try:
+        tn_cfg, _ = check_folder(src)
+    except TempNetFolderError as err:
+        raise ConversionError(str(err)) from None
+    hf_weights = _load_hf_weights(src)
+    sd = from_hf_state_dict(cfg.model, hf_weights, bool(hcfg.get("tie_word_embeddings", False)))
+    if tn_cfg:
         t = cfg.tempnet
         t.enabled, t.tau_min, t.tau_max = True, tn_cfg["tau_min"], tn_cfg["tau_max"]
         t.hidden_size, t.input_variant = tn_cfg.get("hidden_size", t.hidden_size), tn_cfg.get("input_variant", "normalized")
-        if hasattr(t, "kind"):
-            t.kind = tn_cfg.get("kind", "network")
-        tempnet = tempnet_from_hf(tn_cfg, load_file(str(src / TEMPNET_WEIGHTS)), padded_vocab_size(cfg.model))
-    sd = from_hf_state_dict(cfg.model, _load_hf_weights(src), bool(hcfg.get("tie_word_embeddings", False)))
-    if tempnet:
-        sd.update(tempnet)
+        for name, default in (("kind", "network"), ("scale_input", False)):  # (fields of newer configs)
+            if hasattr(t, name):
+                setattr(t, name, tn_cfg.get(name, default))
+        tn_tensors = {k[len(WEIGHT_PREFIX):]: v for k, v in hf_weights.items() if k.startswith(WEIGHT_PREFIX)}
+        sd.update(tempnet_from_hf(tn_cfg, tn_tensors, padded_vocab_size(cfg.model)))
     ensure_single_process_group(seed)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
