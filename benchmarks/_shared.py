@@ -1,13 +1,17 @@
-"""Small pieces the benchmark scripts share: the commit a result was made at, the body of a fresh single-rank
-worker process (benchmarks that train several runs side by side start one per run), and the training and held-out
-tokens of the benchmarks that train small models (tempnet_ablation.py, attention_transfer.py)."""
+"""Small pieces the benchmark scripts share: the commit a result was made at, the pool of fresh single-rank worker
+processes and the body of one (benchmarks that train several runs side by side start one per run), and the training
+and held-out tokens of the benchmarks that train small models (tempnet_ablation.py, tempnet_recipe.py,
+attention_transfer.py)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
+import tempfile
+import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +48,39 @@ def single_rank_worker(spec_path: str, out_path: str, run: Callable[[dict], dict
         json.dump(row, f)
     os.replace(out_path + ".tmp", out_path)
     return 0
+
+
+def run_workers(script: str, specs: List[dict], jobs: int, log_dir: str, tag: str) -> Iterator[Tuple[dict, dict, float]]:
+    """Run each spec in a fresh process, `python script --worker SPEC OUT` (which calls single_rank_worker),
+    `jobs` at a time; yield (spec, its JSON result, wall seconds) as each finishes. spec["name"] names its log,
+    log_dir/NAME.log. A run that fails ends the benchmark (SystemExit) with the end of its log."""
+    os.makedirs(log_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pending, active = list(specs), []
+        while pending or active:
+            while pending and len(active) < max(jobs, 1):
+                spec = pending.pop(0)
+                spec_path, out_path = os.path.join(tmp, spec["name"] + ".json"), os.path.join(tmp, spec["name"] + ".out")
+                with open(spec_path, "w") as f:
+                    json.dump(spec, f)
+                log_path = os.path.join(log_dir, spec["name"] + ".log")
+                log = open(log_path, "w")
+                proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", spec_path, out_path],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                print(f"[{tag}] started {spec['name']} (log {log_path})", file=sys.stderr, flush=True)
+                active.append((proc, log, spec, out_path, log_path, time.perf_counter()))
+            time.sleep(1.0)
+            for entry in list(active):
+                proc, log, spec, out_path, log_path, started = entry
+                if proc.poll() is None:
+                    continue
+                active.remove(entry)
+                log.close()
+                if proc.returncode != 0 or not os.path.isfile(out_path):
+                    with open(log_path) as f:
+                        raise SystemExit(f"[{tag}] {spec['name']} failed (exit {proc.returncode}):\n{f.read()[-3000:]}")
+                with open(out_path) as f:
+                    yield spec, json.load(f), time.perf_counter() - started
 
 
 def heldout_windows(data: dict, seq_length: int, vocab_size: int):

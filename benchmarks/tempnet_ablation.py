@@ -59,9 +59,7 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -69,7 +67,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from benchmarks._shared import (  # noqa: E402
-    git_commit, heldout_windows, single_rank_worker, spread_subset, train_dataset)
+    git_commit, heldout_windows, run_workers, single_rank_worker, spread_subset, train_dataset)
 
 DEFAULT_OUTPUT_PREFIX = os.path.join(REPO, "benchmarks", "results", "tempnet_ablation")
 DEFAULT_WORK_DIR = os.path.join(REPO, "runs", "tempnet_ablation")
@@ -684,52 +682,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = resolve_settings(args, data["vocab_size"])
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     log_dir = os.path.join(args.work_dir, "logs")
-    os.makedirs(log_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     jsonl_path = args.output_prefix + ".jsonl"
     runs = [(seed, arm) for seed in args.seeds for arm in args.arms]  # seed-major: partial results stay comparable
     rows: List[dict] = []
     open(jsonl_path, "w").close()
-    with tempfile.TemporaryDirectory() as tmp:
-        pending = list(runs)
-        active: list = []
-        while pending or active:
-            while pending and len(active) < max(args.jobs, 1):
-                seed, arm = pending.pop(0)
-                spec = {"arm": arm, "seed": seed, "settings": settings, "data": data, "threads": threads, "log": True,
-                        "cache_dir": os.path.join(args.work_dir, "index-cache", f"{arm}_s{seed}")}
-                spec_path, out_path = os.path.join(tmp, f"{arm}_{seed}.json"), os.path.join(tmp, f"{arm}_{seed}.out.json")
-                with open(spec_path, "w") as f:
-                    json.dump(spec, f)
-                log_path = os.path.join(log_dir, f"{arm}_seed{seed}.log")
-                log = open(log_path, "w")
-                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec_path, out_path],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-                print(f"[ablation] started {arm} seed {seed} (log {log_path})", file=sys.stderr, flush=True)
-                active.append((proc, log, arm, seed, out_path, log_path, time.perf_counter()))
-            time.sleep(1.0)
-            for entry in list(active):
-                proc, log, arm, seed, out_path, log_path, started = entry
-                if proc.poll() is None:
-                    continue
-                active.remove(entry)
-                log.close()
-                if proc.returncode != 0 or not os.path.isfile(out_path):
-                    with open(log_path) as f:
-                        tail = f.read()[-3000:]
-                    raise SystemExit(f"[ablation] {arm} seed {seed} failed (exit {proc.returncode}):\n{tail}")
-                with open(out_path) as f:
-                    row = json.load(f)
-                row["wall_s"] = round(time.perf_counter() - started, 1)
-                row.pop("losses", None)
-                rows.append(row)
-                line = json.dumps(row)
-                print(line, flush=True)
-                with open(jsonl_path, "a") as f:
-                    f.write(line + "\n")
-                print(f"[ablation] done {arm} seed {seed} in {row['wall_s']:.0f} s: ppl tau=1 {row['ppl_tau1']:.2f}, "
-                      f"own tau {row['ppl_tau']:.2f}, ECE {row['ece_tau1']:.4f}/{row['ece_tau']:.4f}", file=sys.stderr,
-                      flush=True)
+    specs = [{"name": f"{arm}_seed{seed}", "arm": arm, "seed": seed, "settings": settings, "data": data,
+              "threads": threads, "log": True, "cache_dir": os.path.join(args.work_dir, "index-cache", f"{arm}_s{seed}")}
+             for seed, arm in runs]
+    for spec, row, seconds in run_workers(__file__, specs, args.jobs, log_dir, "ablation"):
+        row["wall_s"] = round(seconds, 1)
+        row.pop("losses", None)
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with open(jsonl_path, "a") as f:
+            f.write(line + "\n")
+        print(f"[ablation] done {spec['arm']} seed {spec['seed']} in {row['wall_s']:.0f} s: ppl tau=1 {row['ppl_tau1']:.2f}, "
+              f"own tau {row['ppl_tau']:.2f}, ECE {row['ece_tau1']:.4f}/{row['ece_tau']:.4f}", file=sys.stderr,
+              flush=True)
     wall_s = time.perf_counter() - t_start
     command = "python benchmarks/tempnet_ablation.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))

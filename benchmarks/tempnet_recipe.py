@@ -41,16 +41,14 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from benchmarks._shared import git_commit, heldout_windows, single_rank_worker, spread_subset  # noqa: E402
+from benchmarks._shared import git_commit, heldout_windows, run_workers, single_rank_worker, spread_subset  # noqa: E402
 from benchmarks.tempnet_ablation import CalibrationBins, compare, mean_sd, prediction_stats  # noqa: E402
 
 DEFAULT_PREFIX = os.path.join(REPO, "benchmarks", "results", "tempnet_recipe")
@@ -246,6 +244,7 @@ def evaluate(model, s: dict, windows: dict, target: Optional[float]) -> dict:
             v = z.size(-1)
             tau_opt = diag.optimal_tau(zd, target, RECIPE["tau_min"], RECIPE["tau_max"], v) if target else None
             entropy = diag.tempered_entropy(zd, torch.ones_like(td), v)
+            out.update(spearman_tau_opt=float("nan"))  # no target: no tau* (the baseline)
             out.update(diag.summarize(td, tau_opt, entropy, diag.logit_scale(zd, v), RECIPE["tau_min"], RECIPE["tau_max"]))
             out["tau_mean"] = float(td.double().mean())
             pick = torch.linspace(0, n - 1, min(n, 1500)).long()  # points for the plot
@@ -406,44 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_workers(args, settings: dict, data: dict) -> List[dict]:
-    """One fresh process per seed, --jobs at a time; their rows in seed order, each printed as it comes."""
-    rows: List[dict] = []
+def _run_seeds(args, settings: dict, data: dict) -> List[dict]:
+    """One fresh process per seed, --jobs at a time; every row, each printed as it comes, in seed order."""
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
-    log_dir = os.path.join(args.work_dir, "logs")
-    os.makedirs(log_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pending, active = list(args.seeds), []
-        while pending or active:
-            while pending and len(active) < max(args.jobs, 1):
-                seed = pending.pop(0)
-                spec = {"seed": seed, "settings": settings, "data": data, "threads": threads,
-                        "cache_dir": os.path.join(args.work_dir, "index-cache", f"s{seed}")}
-                spec_path, out_path = os.path.join(tmp, f"{seed}.json"), os.path.join(tmp, f"{seed}.out.json")
-                with open(spec_path, "w") as f:
-                    json.dump(spec, f)
-                log_path = os.path.join(log_dir, f"seed{seed}.log")
-                log = open(log_path, "w")
-                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec_path, out_path],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-                print(f"[recipe] seed {seed} started (log {log_path})", file=sys.stderr, flush=True)
-                active.append((proc, log, seed, out_path, log_path))
-            time.sleep(1.0)
-            for entry in list(active):
-                proc, log, seed, out_path, log_path = entry
-                if proc.poll() is None:
-                    continue
-                active.remove(entry)
-                log.close()
-                if proc.returncode != 0 or not os.path.isfile(out_path):
-                    with open(log_path) as f:
-                        raise SystemExit(f"[recipe] seed {seed} failed (exit {proc.returncode}):\n{f.read()[-3000:]}")
-                with open(out_path) as f:
-                    for row in json.load(f)["rows"]:
-                        row["frac_at_bounds"] = row["frac_at_min"] + row["frac_at_max"]
-                        rows.append(row)
-                        print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
-    return sorted(rows, key=lambda r: (r["seed"]))
+    specs = [{"name": f"seed{seed}", "seed": seed, "settings": settings, "data": data, "threads": threads,
+              "cache_dir": os.path.join(args.work_dir, "index-cache", f"s{seed}")} for seed in args.seeds]
+    rows: List[dict] = []
+    for _, result, _ in run_workers(__file__, specs, args.jobs, os.path.join(args.work_dir, "logs"), "recipe"):
+        for row in result["rows"]:
+            row["frac_at_bounds"] = row["frac_at_min"] + row["frac_at_max"]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
+    return sorted(rows, key=lambda r: r["seed"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -456,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     print(f"[recipe] preparing data ({'mock' if args.mock_data else args.corpus})", file=sys.stderr, flush=True)
     data = prepare_data(args, settings["vocab_size"])
-    rows = _run_workers(args, settings, data)
+    rows = _run_seeds(args, settings, data)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     with open(args.output_prefix + ".jsonl", "w") as f:
         for row in rows:
