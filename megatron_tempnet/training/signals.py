@@ -11,6 +11,7 @@ all-reduce (MAX) after every step: all ranks stop after the same step, and their
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Optional
@@ -21,6 +22,26 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
 REQUEUE_MARKER = "requeue_requested"  # also written into --save, for launchers that hide exit statuses
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_requeue_marker(save_dir: str, why: str) -> None:
+    """After the checkpoint: rank 0 writes the marker that asks the batch script to requeue the job, and no rank
+    goes on to exit before it is written (srun --kill-on-bad-exit ends every task once the first one exits)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(save_dir, REQUEUE_MARKER), "w") as f:
+            f.write(why + "\n")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def clear_requeue_marker(save_dir: Optional[str]) -> None:
+    """Remove the marker an earlier run left in `save_dir`: it asks for one requeue, which this run serves, so
+    a stale marker never requeues a later job that fails for another reason."""
+    if save_dir:
+        try:
+            os.remove(os.path.join(save_dir, REQUEUE_MARKER))
+        except FileNotFoundError:
+            pass
 
 
 class StopConditions:
