@@ -10,6 +10,7 @@ every job's processes). `unavailable()` says why a machine cannot run it, for th
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -56,10 +57,10 @@ def _alive(pid: Optional[int]) -> bool:
     if pid is None:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    return state != "Z"  # a daemon that exited but was not reaped yet counts as stopped
 
 
 class LocalSlurm:
@@ -75,20 +76,19 @@ class LocalSlurm:
         """The environment for client commands (sbatch, squeue, ...) and the jobs they submit."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def command(self, *args: str) -> str:
-        """Run a client command (sbatch, scontrol, scancel, ...); its stdout, or RuntimeError with its stderr."""
-        done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60)
+    def command(self, *args: str, env: Optional[dict] = None) -> str:
+        """Run a client command (sbatch, scontrol, scancel, ...) in `env` (default: ours) on this cluster; its
+        stdout, or RuntimeError with its stderr."""
+        done = subprocess.run(args, env={**(env or os.environ), "SLURM_CONF": str(self.conf)}, capture_output=True,
+                              text=True, timeout=60)
         if done.returncode:
             raise RuntimeError(f"{' '.join(args)} failed (status {done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
     def submit(self, script: str, args: list, options: list, env: dict, cwd: str) -> str:
-        """sbatch OPTIONS SCRIPT ARGS with the job environment `env`; returns the job id."""
-        done = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", *options, script, *args],
-                              env={**env, "SLURM_CONF": str(self.conf)}, capture_output=True, text=True, timeout=60)
-        if done.returncode:
-            raise RuntimeError(f"sbatch {script} failed: {done.stderr.strip()}")
-        return done.stdout.strip().split(";")[0]
+        """sbatch OPTIONS SCRIPT ARGS from `cwd`, the job getting the environment `env`; returns the job id."""
+        out = self.command("sbatch", "--parsable", f"--chdir={cwd}", *options, script, *args, env=env)
+        return out.split(";")[0].strip()  # "ID" or "ID;CLUSTER"
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict of its fields (JobState, Restarts, ExitCode, RunTime, ...)."""
@@ -107,6 +107,9 @@ class LocalSlurm:
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=tempnet-test",
+            # The trainer and train_torchrun.sbatch derive their ports from the job id: clusters started side by
+            # side (two test runs on one machine) must not hand out the same ids.
+            f"FirstJobId={random.randrange(1000, 1_000_000)}",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
@@ -137,11 +140,12 @@ class LocalSlurm:
             "",
         ]))
 
-    def start(self, cpus: int = 2) -> None:
-        """Write the configuration and start the three daemons; returns once the node takes jobs."""
+    def start(self, cpus: Optional[int] = None) -> None:
+        """Write the configuration and start the three daemons; returns once the node takes jobs. The node has
+        this machine's CPUs (at least 2: a test job asks for 2, and more than the cores only oversubscribes)."""
         if self.running():
             return
-        self._write_config(cpus)
+        self._write_config(cpus or max(2, os.cpu_count() or 1))
         m = self.root / "munge"
         self._run(["munged", "--force", f"--socket={self.munge_socket}", f"--key-file={m}/munge.key",
                    f"--pid-file={self._pidfile('munged')}", f"--log-file={self.root}/log/munged.log",
@@ -206,7 +210,7 @@ def main(argv: list) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
-    cluster.start(cpus=max(2, os.cpu_count() or 1))
+    cluster.start()
     print(f"export TEMPNET_SLURM_CONF={cluster.conf}")
     return 0
 

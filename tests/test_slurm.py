@@ -65,6 +65,17 @@ class Job:
                                  [f"--output={self.output}", f"--job-name=test-{script.split('.')[0]}",
                                   *CPU_OPTIONS[script]], env, ROOT)
 
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """A job that a failed check leaves running would hold the node's CPUs from the next test: cancel it."""
+        try:
+            if self.info().get("JobState") != "COMPLETED":
+                self.cluster.command("scancel", self.id)
+        except RuntimeError:
+            pass
+
     def log(self) -> str:
         return self.output.read_text() if self.output.exists() else ""
 
@@ -170,8 +181,8 @@ def uninterrupted(cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     (folder / "ckpt").mkdir()
     (folder / "ckpt" / "requeue_requested").write_text("left by an earlier run\n")
-    job = Job(cluster, "train_srun.sbatch", folder)
-    job.wait_for("the uninterrupted job to complete", job.completed)
+    with Job(cluster, "train_srun.sbatch", folder) as job:
+        job.wait_for("the uninterrupted job to complete", job.completed)
     info, log = job.info(), job.log()
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", job.describe()
     assert iterations(log) == list(range(1, ITERS + 1)) and "requeueing" not in log, job.describe()
@@ -197,10 +208,10 @@ def preempt(job: Job, how: str) -> None:
 
 @pytest.mark.parametrize("script, how", [("train_srun.sbatch", "scancel"), ("train_torchrun.sbatch", "time limit")])
 def test_preempted_job_saves_requeues_resumes_and_ends_as_uninterrupted(cluster, uninterrupted, script, how, tmp_path):
-    job = Job(cluster, script, tmp_path)
-    job.wait_for("the job to train", lambda: job.training(0))
-    preempt(job, how)
-    job.wait_for("the job to complete after its requeue", job.completed)
+    with Job(cluster, script, tmp_path) as job:
+        job.wait_for("the job to train", lambda: job.training(0))
+        preempt(job, how)
+        job.wait_for("the job to complete after its requeue", job.completed)
 
     log, info = job.log(), job.info()
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "1", job.describe()
