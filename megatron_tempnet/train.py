@@ -13,6 +13,9 @@ from .config import ConfigError, load_config, validate
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .training.signals import keep_early_stop_signals
+
+    keep_early_stop_signals()  # before the slow imports and setup: a stop signal then must not kill the rank
     from .data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU

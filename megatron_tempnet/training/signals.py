@@ -22,6 +22,18 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
 REQUEUE_MARKER = "requeue_requested"  # also written into --save, for launchers that hide exit statuses
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_before_run: list = []  # stop signals that came before StopConditions was set up
+
+
+def keep_early_stop_signals() -> None:
+    """First thing in a trainer process: a stop signal that comes while the run sets up (process groups, model,
+    checkpoint load: minutes at scale) is kept for StopConditions, which stops after the first step, instead of
+    killing the rank with no checkpoint and no requeue (the default action of both signals)."""
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, lambda signum, _frame: _before_run.append(signum))
+        except ValueError:  # not the main thread: signals cannot be handled here
+            pass
 
 
 def leave_requeue_marker(save_dir: str, why: str) -> None:
@@ -49,7 +61,8 @@ class StopConditions:
         self.exit_duration_s = None if exit_duration_in_mins is None else 60.0 * exit_duration_in_mins
         self.exit_interval = exit_interval
         self.started = time.monotonic()
-        self.received: Optional[int] = None
+        self.received: Optional[int] = _before_run[-1] if _before_run else None
+        _before_run.clear()
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
