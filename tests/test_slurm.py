@@ -16,7 +16,9 @@ import torch
 
 from slurm_cluster import LocalSlurm, unavailable
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# 5 trainer launches in all; the first test also waits for the uninterrupted job. On 2 cores under a load of
+# 30-45 the module took 6-13 minutes, the first test up to 7.5, close to the suite's 600 s per test.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 40
