@@ -13,13 +13,16 @@ from .config import ConfigError, load_config, validate
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .training.signals import keep_early_stop_signals
+
+    keep_early_stop_signals()  # before the slow imports and setup: a stop signal then must not kill the rank
     from .data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
     from .data.indexed import DatasetError
     from .data.tokenizer import TokenizerError
     from .training.loop import RunState, TrainingError, resolve_vocab_size, train
-    from .training.signals import REQUEUE_MARKER, StopConditions
+    from .training.signals import StopConditions, clear_requeue_marker, leave_requeue_marker
 
     cfg, args = load_config(argv)
     env = platform.discover_env()
@@ -38,9 +41,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if env.rank == 0:
             print(format_results(results))
         return 0 if all(r.ok for r in results) else 2
+    if env.rank == 0:
+        clear_requeue_marker(cfg.checkpoint.save)
     state = RunState()
     try:
         train(cfg, state)
+        if StopConditions.exit_code(state.stop_reason) and cfg.checkpoint.save:  # see examples/slurm
+            leave_requeue_marker(cfg.checkpoint.save, f"{state.stop_reason} at iteration {state.iteration}")
     except TrainingError as err:
         print(f"error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
         return 1
@@ -59,9 +66,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     code = StopConditions.exit_code(state.stop_reason)
     if state.stop_reason and env.rank == 0:
         print(f"stopped early ({state.stop_reason}) at iteration {state.iteration}; exit status {code}", flush=True)
-        if code and cfg.checkpoint.save:  # for launchers that hide the exit status (torchrun): see examples/slurm
-            with open(os.path.join(cfg.checkpoint.save, REQUEUE_MARKER), "w") as f:
-                f.write(f"{state.stop_reason} at iteration {state.iteration}\n")
     return code
 
 

@@ -11,6 +11,7 @@ all-reduce (MAX) after every step: all ranks stop after the same step, and their
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Optional
@@ -21,6 +22,38 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
 REQUEUE_MARKER = "requeue_requested"  # also written into --save, for launchers that hide exit statuses
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_before_run: list = []  # stop signals that came before StopConditions was set up
+
+
+def keep_early_stop_signals() -> None:
+    """First thing in a trainer process: a stop signal that comes while the run sets up (process groups, model,
+    checkpoint load: minutes at scale) is kept for StopConditions, which stops after the first step, instead of
+    killing the rank with no checkpoint and no requeue (the default action of both signals)."""
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, lambda signum, _frame: _before_run.append(signum))
+        except ValueError:  # not the main thread: signals cannot be handled here
+            pass
+
+
+def leave_requeue_marker(save_dir: str, why: str) -> None:
+    """After the checkpoint: rank 0 writes the marker that asks the batch script to requeue the job, and no rank
+    goes on to exit before it is written (srun --kill-on-bad-exit ends every task once the first one exits)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(save_dir, REQUEUE_MARKER), "w") as f:
+            f.write(why + "\n")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def clear_requeue_marker(save_dir: Optional[str]) -> None:
+    """Remove the marker an earlier run left in `save_dir`: it asks for one requeue, which this run serves, so
+    a stale marker never requeues a later job that fails for another reason."""
+    if save_dir:
+        try:
+            os.remove(os.path.join(save_dir, REQUEUE_MARKER))
+        except FileNotFoundError:
+            pass
 
 
 class StopConditions:
@@ -28,7 +61,8 @@ class StopConditions:
         self.exit_duration_s = None if exit_duration_in_mins is None else 60.0 * exit_duration_in_mins
         self.exit_interval = exit_interval
         self.started = time.monotonic()
-        self.received: Optional[int] = None
+        self.received: Optional[int] = _before_run[-1] if _before_run else None
+        _before_run.clear()
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
