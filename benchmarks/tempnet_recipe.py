@@ -343,6 +343,13 @@ def verdicts(rows: List[dict]) -> List[str]:
             c = compare([r[ref] for r in rs], own)
             lines.append(f"- {setting} {arm}: held-out NLL with TempNet's tau {VERDICT_WORDS[c['verdict'].split(' (')[0]]} {label} "
                          f"({mean_sd(own)[0]:.4f} vs {mean_sd([r[ref] for r in rs])[0]:.4f}).")
+        if setting in ("scratch", "finetune"):  # its own LM: against the cross-entropy baseline's, both modes
+            base = [r["heldout_nll_tau1"] for r in rows if r["setting"] == "baseline"]
+            for key, mode in (("heldout_nll_tau1", "at tau = 1"), ("heldout_nll_own_tau", "with its own tau")):
+                c = compare(base, [r[key] for r in rs])
+                lines.append(f"- {setting} {arm} against the cross-entropy baseline: held-out NLL {mode} "
+                             f"{VERDICT_WORDS[c['verdict'].split(' (')[0]]} the baseline's "
+                             f"({mean_sd([r[key] for r in rs])[0]:.4f} vs {mean_sd(base)[0]:.4f}).")
         if setting == "frozen" and arm.startswith("dro/"):
             fails = [f"seed {r['seed']}: {k} {r.get(k, float('nan')):.3f}" for r in rs for k, op, bound in FROZEN_CHECKS
                      if not (r.get(k, float("nan")) >= bound if op == ">=" else r.get(k, float("nan")) < bound)]
