@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -122,22 +123,38 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _check_disk(cfg: Config) -> str:
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: os.access says yes to root on a read-only mount."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_probe_", dir=folder)
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise ConfigError(f"{what}: {folder} is not writable ({err.strerror}); choose a folder you can write to") from None
+
+
+def check_save_folder(cfg: Config, copies: Optional[int] = None) -> str:
+    """The --save folder is a folder (or can be made), is writable, and has room for `copies` checkpoints
+    (default: the --keep-last ones plus the one being written). The trainer asks for one before its first
+    step, so a run never trains only to find it cannot save."""
     ck = cfg.checkpoint
     if not ck.save:
         return "no --save"
     save = Path(ck.save)
     if save.exists() and not save.is_dir():
-        raise OSError(f"--save {save} is a file; pass a folder (it is created if missing)")
+        raise ConfigError(f"--save {save} is a file; pass a folder (it is created if missing)")
     parent = _existing_parent(save.resolve())
-    if not os.access(parent, os.W_OK):
-        raise OSError(f"--save {save}: {parent} is not writable; choose a folder you can write to")
-    need = checkpoint_bytes(cfg) * (max(ck.keep_last, 1) + 1)  # kept ones + the one being written
+    _probe_writable(parent, f"--save {save}")
+    copies = copies if copies is not None else max(ck.keep_last, 1) + 1  # kept ones + the one being written
+    one = checkpoint_bytes(cfg)
+    need = one * copies
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise OSError(
-            f"--save {save}: {free / 2**30:.1f} GiB free on {parent}, but {ck.keep_last or 'all'} kept checkpoint(s) "
-            f"plus the one being written need about {need / 2**30:.1f} GiB; free space, lower --keep-last, or save elsewhere")
+        what = "one checkpoint needs" if copies == 1 else \
+            f"{ck.keep_last or 'all'} kept checkpoint(s) plus the one being written need"
+        raise ConfigError(
+            f"--save {save}: {free / 2**30:.2f} GiB free on {parent}, but {what} about {need / 2**30:.2f} GiB; "
+            "free space, lower --keep-last, or save elsewhere")
     return f"{free / 2**30:.1f} GiB free, about {need / 2**30:.2f} GiB needed"
 
 
@@ -153,7 +170,7 @@ def run_checks(cfg: Config, world_size: int, *, cuda_available: Optional[bool] =
     results = [config, tokenizer, _check("data", lambda: _check_data(cfg))]
     if cfg.model.vocab_size is not None:
         results.append(_check("checkpoint", lambda: _check_checkpoint(cfg)))
-        results.append(_check("disk", lambda: _check_disk(cfg)))
+        results.append(_check("disk", lambda: check_save_folder(cfg)))
     return results
 
 

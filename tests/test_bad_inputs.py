@@ -1,0 +1,166 @@
+"""No bad input passes silently: each is refused before any work with one line that names the problem and
+the fix, printed once (rank 0), with a non-zero exit status, from a flag, a YAML file or the trainer alike."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megatron_tempnet.config import Config, ConfigError, load_config, validate
+from megatron_tempnet.config_fields import HELP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-interval", "0",
+        "--eval-iters", "1", "--train-iters", "2", "--log-interval", "1"]
+
+
+def run_trainer(args: list, nproc: int = 1, timeout: float = 240, env_extra: dict | None = None):
+    """(exit status, stdout, stderr) of `python -m megatron_tempnet.train` (through torchrun for nproc > 1)."""
+    from helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MASTER_PORT=str(free_port()), **(env_extra or {}))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                 str(free_port())] if nproc > 1 else [sys.executable])
+    proc = subprocess.Popen([*launcher, "-m", "megatron_tempnet.train", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"the trainer hung (killed after {timeout} s):\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def our_error_lines(stderr: str) -> list:
+    """The trainer's own error lines (torchrun's summary block repeats the root cause after "traceback :")."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_error(rc, out, err, *words):
+    assert rc not in (0, None), (rc, out[-2000:], err[-2000:])
+    lines = our_error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert not re.search(r'File ".*(megatron_tempnet|megatron/core)', err), err[-3000:]  # torchrun's own may stay
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def _refuse(argv, expected):
+    cfg, _ = load_config(["--mock-data", "--vocab-size", "1000", *argv])
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(cfg, 1, cuda_available=False, te_available=False)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1; got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1; got 0"),
+    (["--hidden-size", "-64"], "--hidden-size must be >= 1; got -64"),
+    (["--num-layers", "0"], "--num-layers must be >= 1; got 0"),
+    (["--lr=-3e-3"], "--lr must be >= 0; got -0.003"),
+    (["--seq-length", "0"], "--seq-length must be >= 1"),
+    (["--train-iters", "0"], "--train-iters must be >= 1"),
+    (["--eval-iters", "0"], "--eval-iters must be >= 1"),
+    (["--log-interval", "0"], "--log-interval must be >= 1"),
+    (["--tau-histogram-interval", "0"], "--tau-histogram-interval must be >= 1"),
+    (["--save-interval", "-1"], "--save-interval must be >= 0"),
+    (["--keep-last", "-1"], "--keep-last must be >= 0"),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be >= 1"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be >= 0 and < 1"),
+    (["--hidden-dropout", "1.5"], "--hidden-dropout must be >= 0 and < 1"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0"),
+    (["--tempnet-enabled", "--tempnet-tau-max", "inf"], "--tempnet-tau-max must be a finite number > 0; got inf"),
+    (["--tempnet-enabled", "--tempnet-tau-min", "nan"], "--tempnet-tau-min must be a finite number"),
+    (["--dro-rho", "nan"], "--dro-rho must be a finite number >= 0; got nan"),
+    (["--dro-rho", "-1"], "--dro-rho must be >= 0; got -1.0"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr / --lr: the final learning rate 1.0 exceeds the peak 0.1"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
+])
+def test_meaningless_numbers_are_refused_at_validation(argv, expected):
+    _refuse(argv, expected)
+
+
+def test_a_yaml_number_is_checked_like_a_flag(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  dro_rho: .nan\n")
+    _refuse(["--config", str(path)], "--dro-rho must be a finite number >= 0; got nan")
+
+
+def test_a_yaml_choice_is_checked_like_a_flag(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: gtp\n")
+    _refuse(["--config", str(path)], "--arch must be one of gpt, llama; got 'gtp'")
+
+
+def test_zero_global_batch_neither_passes_dry_run_nor_hangs():
+    for extra in (["--dry-run"], []):
+        rc, out, err = run_trainer([*TINY, "--global-batch-size", "0", *extra], timeout=120)
+        assert rc == 2
+        assert_one_line_error(rc, out, err, "--global-batch-size must be >= 1")
+
+
+def test_micro_batches_refuse_a_batch_without_micro_batches():
+    import torch
+
+    from megatron_tempnet.training.batches import MockTokens, micro_batches
+
+    with pytest.raises(ValueError, match="no micro-batch"):
+        next(micro_batches(MockTokens(10, 4, 8, 0), consumed_samples=0, micro_batch_size=2, global_batch_size=0,
+                           dp_rank=0, dp_size=1, device=torch.device("cpu")))
+
+
+# ---------------------------------------------------------------------------------------------- YAML and flags
+
+
+@pytest.mark.parametrize("yaml_text,words", [
+    ("model:\n  hidden_sise: 64\n", ["unknown key 'model.hidden_sise'", "did you mean 'model.hidden_size'"]),
+    ("model:\n  num_layers: four\n", ["model.num_layers must be int"]),
+    ("model:\n  num_layers: [4\n", ["is not valid YAML"]),
+    (None, ["not found", "--config"]),
+])
+def test_yaml_errors_are_one_line_on_rank_0(tmp_path, yaml_text, words):
+    path = tmp_path / "c.yaml"
+    if yaml_text is not None:
+        path.write_text(yaml_text)
+    rc, out, err = run_trainer(["--config", str(path)], nproc=2 if yaml_text and "four" in yaml_text else 1)
+    assert_one_line_error(rc, out, err, *words)
+
+
+def test_a_bad_flag_is_one_line():
+    rc, out, err = run_trainer(["--arch", "gtp"])
+    assert rc == 2 and err.strip().splitlines() == ["error: argument --arch: invalid choice: 'gtp' (choose from "
+                                                   "'gpt', 'llama') (see --help)"]
+
+
+# ---------------------------------------------------------------------------------------------- --help
+
+
+def test_every_field_has_a_description():
+    missing = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)
+               if f"{s.name}.{f.name}" not in HELP]
+    assert not missing, f"describe these in megatron_tempnet/config_fields.py HELP: {missing}"
+
+
+def test_trainer_help_shows_description_choices_and_default_of_every_flag():
+    from megatron_tempnet.config import _build_parser
+
+    parser = _build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "(default:" in action.help, action.option_strings
+        if action.dest in ("model.arch", "loss.loss_impl", "fp8.fp8_recipe"):
+            assert action.choices and "choices:" in action.help
+    text = subprocess.run([sys.executable, "-m", "megatron_tempnet.train", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="200")).stdout
+    assert re.search(r"--arch \{gpt,llama\}\s+model family.*\(choices: gpt, llama\) \(default: gpt\)", text), text
+    assert re.search(r"--dro-rho DRO_RHO\s+DRO radius.*\(must be >= 0\) \(default: unset\)", text), text
