@@ -164,3 +164,98 @@ def test_trainer_help_shows_description_choices_and_default_of_every_flag():
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="200")).stdout
     assert re.search(r"--arch \{gpt,llama\}\s+model family.*\(choices: gpt, llama\) \(default: gpt\)", text), text
     assert re.search(r"--dro-rho DRO_RHO\s+DRO radius.*\(must be >= 0\) \(default: unset\)", text), text
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _write_megatron_dataset(prefix: str, documents: list) -> str:
+    """A .bin/.idx as Megatron-LM writes it: no .meta.json sidecar, so no tokenizer record."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A 300-id tokenizer, and sidecar-less datasets: one within its vocabulary, one with ids up to 399."""
+    import random
+
+    from megatron_tempnet.data.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = "the of and data model token layer tensor rank shard loss sample batch def return".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "\n" for _ in range(200)]
+    tok = train_sentencepiece(texts, str(d / "tok"), 300, threads=1)["model"]
+    docs = [[rng.randrange(300) for _ in range(rng.randint(30, 60))] for _ in range(60)]
+    good = _write_megatron_dataset(str(d / "good"), docs)
+    beyond = _write_megatron_dataset(str(d / "beyond"), [*docs[:30], [5, 399, 7] * 20, *docs[30:]])
+    empty = _write_megatron_dataset(str(d / "empty"), [])
+    return {"dir": d, "tok": tok, "good": good, "beyond": beyond, "empty": empty}
+
+
+def _data_args(data, prefix, *extra):
+    return ["--data-path", prefix, "--tokenizer-model", data["tok"], "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--eval-interval", "0", "--eval-iters", "1", "--train-iters", "2", "--split", "90,10,0", *extra]
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_and_the_scan_is_cached(data, monkeypatch):
+    from megatron_tempnet.data import token_check
+    from megatron_tempnet.data.indexed import DatasetError
+
+    assert token_check.check_token_content(data["good"], 300)["max_id"] < 300
+    with pytest.raises(DatasetError, match="holds token id 399, outside the model's vocabulary of 300 ids"):
+        token_check.check_token_content(data["beyond"], 300)
+    assert os.path.isfile(data["beyond"] + token_check.STATS_SUFFIX)
+    monkeypatch.setattr(token_check, "_compute", lambda *a: pytest.fail("the cached scan was not used"))
+    with pytest.raises(DatasetError, match="token id 399"):
+        token_check.check_token_content(data["beyond"], 300)
+
+
+def test_pointers_that_disagree_with_the_lengths_are_refused(data, tmp_path):
+    import shutil
+    import struct
+
+    from megatron_tempnet.data.indexed import HEADER_BYTES, DatasetError, read_index_header
+    from megatron_tempnet.data.token_check import check_token_content
+
+    for ext in (".bin", ".idx"):
+        shutil.copy(data["good"] + ext, str(tmp_path / "bad") + ext)
+    s = read_index_header(str(tmp_path / "bad"))["sequence_count"]
+    with open(tmp_path / "bad.idx", "r+b") as f:  # sequence 3 now starts 2 bytes early: it overlaps sequence 2
+        f.seek(HEADER_BYTES + 4 * s + 8 * 3)
+        (ptr,) = struct.unpack("<q", f.read(8))
+        f.seek(HEADER_BYTES + 4 * s + 8 * 3)
+        f.write(struct.pack("<q", ptr - 2))
+    with pytest.raises(DatasetError, match="pointer of sequence 3 is not the sum of the lengths before it"):
+        check_token_content(str(tmp_path / "bad"), 300)
+
+
+@pytest.mark.slow
+def test_trainer_refuses_out_of_vocabulary_data_at_tp2_and_dry_run_finds_it(data):
+    rc, out, err = run_trainer(_data_args(data, data["beyond"], "--tensor-model-parallel-size", "2"), nproc=2)
+    assert_one_line_error(rc, out, err, "token id 399", "vocabulary of 300 ids", "--tokenizer-model")
+    rc, out, _ = run_trainer(_data_args(data, data["beyond"], "--dry-run"))
+    assert rc == 2 and re.search(r"^FAIL data .*token id 399", out, re.M), out
+
+
+@pytest.mark.parametrize("prefix,split,words", [
+    ("good", "100,0,0", ["leaves no validation documents"]),
+    ("empty", "90,10,0", ["the train split of", "has 0 tokens"]),
+])
+def test_dry_run_finds_what_the_trainer_would_refuse(data, prefix, split, words):
+    from megatron_tempnet.config import load_config
+    from megatron_tempnet.training.preflight import run_checks
+
+    cfg, _ = load_config(_data_args(data, data[prefix], "--split", split))
+    failures = {r.name: r.message for r in run_checks(cfg, 1, cuda_available=False, te_available=False) if not r.ok}
+    for w in words:
+        assert w in failures.get("data", ""), failures

@@ -66,8 +66,11 @@ def _check(name: str, fn: Callable[[], str]) -> CheckResult:
 
 
 def _check_data(cfg: Config) -> str:
-    from ..data.datasets import parse_data_path
+    """What build_datasets would refuse: missing or truncated files, bad pointers, token ids outside the
+    vocabulary, a split without training or validation documents, a split too small for one sample."""
+    from ..data.datasets import check_split_sizes, parse_data_path, require_train_and_valid
     from ..data.indexed import check_dataset_prefix, expand_data_prefixes
+    from ..data.token_check import check_token_content
 
     if cfg.data.mock_data:
         return "mock data"
@@ -75,9 +78,14 @@ def _check_data(cfg: Config) -> str:
         raise ConfigError("no --data-path: pass preprocessed data (tools/preprocess_data.py) or --mock-data")
     prefixes, _ = parse_data_path(cfg.data.data_path)
     shards = expand_data_prefixes(prefixes)
+    require_train_and_valid(cfg.data.split)
     for prefix in shards:
         check_dataset_prefix(prefix)
-    return f"{len(shards)} dataset shard(s) complete"
+        if cfg.model.vocab_size is not None:
+            check_token_content(prefix, cfg.model.vocab_size, cfg.data.data_cache_path)
+        check_split_sizes(prefix, cfg.data.split, cfg.model.seq_length)
+    checked = "token ids in the vocabulary" if cfg.model.vocab_size is not None else "token ids not checked (no vocabulary)"
+    return f"{len(shards)} dataset shard(s) complete, {checked}, every split holds a sample"
 
 
 def _check_tokenizer(cfg: Config) -> str:
