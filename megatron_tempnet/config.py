@@ -138,6 +138,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last: int = 2
     pretrained_checkpoint: Optional[str] = None  # model weights only (finetune / frozen_lm)
+    verify_checkpoint: bool = True  # hash every file of a checkpoint before loading it (sizes are always checked)
 
 
 @dataclass

@@ -93,6 +93,9 @@ HELP = {
     "checkpoint.save_interval": "save every this many steps; unset or 0: only at the end",
     "checkpoint.keep_last": "keep only the newest this many checkpoints; 0: keep all",
     "checkpoint.pretrained_checkpoint": "start from these model weights only (finetune / frozen_lm)",
+    "checkpoint.verify_checkpoint": "compare the sha256 of every file of a checkpoint with the one recorded at "
+                                    "save before loading it (sizes are always checked); --no-verify-checkpoint "
+                                    "skips the hashing",
     "logging.log_interval": "print a line of metrics every this many steps",
     "logging.tensorboard_dir": "write TensorBoard scalars and tau histograms here; unset: no TensorBoard",
     "logging.tau_histogram_interval": "log a histogram of the temperatures every this many steps",

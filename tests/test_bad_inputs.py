@@ -259,3 +259,89 @@ def test_dry_run_finds_what_the_trainer_would_refuse(data, prefix, split, words)
     failures = {r.name: r.message for r in run_checks(cfg, 1, cuda_available=False, te_available=False) if not r.ok}
     for w in words:
         assert w in failures.get("data", ""), failures
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A save folder with two checkpoints (iterations 2 and 4) of a tiny run with TempNet."""
+    save = tmp_path_factory.mktemp("ckpt") / "run"
+    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "4",
+                                "--save-interval", "2", "--keep-last", "0", "--save", str(save)])
+    assert rc == 0, err[-3000:]
+    return save
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved, tmp_path / "run")
+
+
+def _flip_64_bytes(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        data = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_every_file_of_a_checkpoint_has_a_recorded_checksum(saved):
+    import json
+
+    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE, checkpoint_problems
+
+    for it in ("iter_0000002", "iter_0000004"):
+        files = json.loads((saved / it / CHECKSUM_FILE).read_text())["files"]
+        on_disk = {p.name for p in (saved / it).iterdir()} - {CHECKSUM_FILE, "tempnet_checkpoint.json"}
+        assert set(files) == on_disk and any(n.endswith(".distcp") for n in files)
+        assert checkpoint_problems(saved / it) == ([], True)
+
+
+def test_damage_is_found_by_size_or_hash_and_old_checkpoints_load_unverified(saved, tmp_path):
+    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE, checkpoint_problems
+
+    run = _copy(saved, tmp_path)
+    latest = run / "iter_0000004"
+    distcp = sorted(latest.glob("*.distcp"))[0]
+    _flip_64_bytes(distcp)
+    assert checkpoint_problems(latest) == ([f"{distcp.name} differs from what was written (its sha256 changed)"], True)
+    assert checkpoint_problems(latest, hashes=False) == ([], True)  # --no-verify-checkpoint: sizes only
+    with open(distcp, "r+b") as f:
+        f.truncate(100)
+    assert "has 100 bytes" in checkpoint_problems(latest, hashes=False)[0][0]
+    (latest / CHECKSUM_FILE).unlink()  # as written before checksums were recorded: the index still checks sizes
+    assert "but the checkpoint's index reads up to byte" in checkpoint_problems(latest)[0][0]
+    older = run / "iter_0000002"
+    (older / CHECKSUM_FILE).unlink()
+    assert checkpoint_problems(older) == ([], False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_latest_checkpoint_is_refused_naming_the_last_good_one(saved, tmp_path, damage):
+    run = _copy(saved, tmp_path)
+    distcp = sorted((run / "iter_0000004").glob("*.distcp"))[0]
+    _flip_64_bytes(distcp) if damage == "flip" else distcp.unlink()
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "6",
+                                "--save", str(run), "--load", str(run)])
+    line = assert_one_line_error(rc, out, err, f"checkpoint {run / 'iter_0000004'} is damaged: {distcp.name}",
+                                 f"resume with --load {run / 'iter_0000002'}")
+    assert ("sha256" in line) if damage == "flip" else ("is missing" in line)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing written or removed
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_checksums_loads_and_says_it_is_unverified(saved, tmp_path):
+    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE
+
+    run = _copy(saved, tmp_path)
+    (run / "iter_0000004" / CHECKSUM_FILE).unlink()
+    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "5",
+                                "--load", str(run / "iter_0000004")])
+    assert rc == 0, err[-3000:]
+    assert "has no recorded checksums" in err and "loads unverified" in err

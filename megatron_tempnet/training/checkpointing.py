@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size
+from .checkpoint_integrity import record_checksums, verify_checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 INFO_FILE = "tempnet_checkpoint.json"
@@ -622,6 +623,7 @@ def save_checkpoint(cfg: Config, iteration: int, consumed_samples: int, model: L
               config_json=json.dumps(info["config"]), format_version=FORMAT_VERSION)
     dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True)
     dist.barrier()
+    record_checksums(tmp)  # collective; before the description file that publishes the folder
     _test_hook(iteration, "written", tmp)
     if rank == 0:
         _write_atomic(tmp / INFO_FILE, json.dumps(info, indent=1))
@@ -791,6 +793,14 @@ def _switch_optimizer_format(sd: dict, *, to_distributed: bool) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def check_integrity(ckpt: Path, cfg: Optional[Config]) -> None:
+    """Refuse a damaged checkpoint before any tensor is read (checkpoint_integrity.py); sizes always, hashes
+    unless --no-verify-checkpoint. Called on every rank (the ranks share the hashing)."""
+    hashes = cfg is None or cfg.checkpoint.verify_checkpoint
+    if not verify_checkpoint(ckpt, hashes=hashes):
+        _log(f"note: {ckpt} has no recorded checksums (written by an older megatron-tempnet): it loads unverified")
+
+
 def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler,
                     path: Optional[str] = None) -> Optional[LoadedState]:
     """Restore a full training state from `path` (default --load) into this run's model, optimizer and
@@ -802,6 +812,7 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
     if ckpt is None:
         _log(f"no checkpoint in {path} yet: starting from scratch")
         return None
+    check_integrity(ckpt, cfg)
     info = read_info(ckpt)
     if "optimizer" not in info["contents"]:
         raise CheckpointError(
@@ -849,6 +860,7 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     ckpt = resolve_checkpoint(path)
+    check_integrity(ckpt, cfg)
     info = read_info(ckpt)
     if cfg is not None:
         check_model_matches(info["config"], cfg, str(ckpt), tempnet_optional=True)

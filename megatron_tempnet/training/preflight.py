@@ -106,6 +106,7 @@ def _check_tokenizer(cfg: Config) -> str:
 
 
 def _check_checkpoint(cfg: Config) -> str:
+    from .checkpoint_integrity import verify_checkpoint
     from .checkpointing import check_layout_fits, check_model_matches, read_info, resolve_checkpoint
 
     ck, p = cfg.checkpoint, cfg.parallel
@@ -121,7 +122,9 @@ def _check_checkpoint(cfg: Config) -> str:
         check_model_matches(info["config"], cfg, str(folder), tempnet_optional=what == "--pretrained-checkpoint")
         check_layout_fits(info["config"]["model"], p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                           p.virtual_pipeline_model_parallel_size)
-        found.append(f"{what} {folder.name} fits")
+        verified = verify_checkpoint(folder, hashes=ck.verify_checkpoint)
+        found.append(f"{what} {folder.name} fits, " + ("its files match their checksums" if verified and
+                     ck.verify_checkpoint else "sizes checked" if verified else "unverified (no recorded checksums)"))
     return "; ".join(found) or "no checkpoint to load"
 
 
