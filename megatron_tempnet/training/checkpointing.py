@@ -58,6 +58,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -407,10 +408,12 @@ def _safe_strategies():
             orig = sharded_state_dict
             sharded_state_dict, flat_mapping, rename_mapping = \
                 mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
-            pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
             reader = SafeFileSystemReader(checkpoint_dir)
-            dcp.load_state_dict(pyt_state_dict, reader, planner=SafeLoadPlanner(
-                shapes_validation_sharded_tensors=flexible, allow_shape_mismatch_sharded_tensors=mismatch_ok))
+            with warnings.catch_warnings():  # megatron-core 0.16 loads through torch's ShardedTensor, which warns
+                warnings.filterwarnings("ignore", message=".*Please use DTensor instead", category=FutureWarning)
+                pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
+                dcp.load(pyt_state_dict, storage_reader=reader, planner=SafeLoadPlanner(
+                    shapes_validation_sharded_tensors=flexible, allow_shape_mismatch_sharded_tensors=mismatch_ok))
             self.cached_global_metadata = reader.read_metadata()
             loaded = {k: mcore_torch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
             loaded = mcore_torch._replace_sharded_keys_with_state_dict_keys(loaded, flat_mapping, rename_mapping)
