@@ -22,7 +22,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
     from .training.loop import RunState, resolve_vocab_size, train
     from .training.preflight import check_save_folder
-    from .training.signals import REQUEUE_MARKER, StopConditions
+    from .training.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopConditions
 
     env = platform.discover_env()
     user_errors = _user_error_types()
@@ -69,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     code = StopConditions.exit_code(state.stop_reason)
     if state.stop_reason and env.rank == 0:
         print(f"stopped early ({state.stop_reason}) at iteration {state.iteration}; exit status {code}", flush=True)
-        if code and cfg.checkpoint.save:  # for launchers that hide the exit status (torchrun): see examples/slurm
+        if code == REQUEUE_EXIT_CODE and cfg.checkpoint.save:  # for launchers that hide the exit status (torchrun): see examples/slurm
             with open(os.path.join(cfg.checkpoint.save, REQUEUE_MARKER), "w") as f:
                 f.write(f"{state.stop_reason} at iteration {state.iteration}\n")
     return code

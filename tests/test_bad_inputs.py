@@ -345,3 +345,41 @@ def test_a_checkpoint_without_checksums_loads_and_says_it_is_unverified(saved, t
                                 "--load", str(run / "iter_0000004")])
     assert rc == 0, err[-3000:]
     assert "has no recorded checksums" in err and "loads unverified" in err
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_saves_like_sigterm_and_does_not_ask_for_a_requeue(tmp_path, nproc):
+    import signal
+    import time
+
+    from helpers import free_port
+    from launch import finish, torchrun, wait_for_line
+    from megatron_tempnet.training.checkpointing import TRACKER_FILE
+    from megatron_tempnet.training.signals import REQUEUE_MARKER
+
+    save = tmp_path / "run"
+    args = [*TINY, "--train-iters", "1000", "--save", str(save)]
+    if nproc == 1:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+        env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_tempnet.train", *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        proc = torchrun([*args, "--tensor-model-parallel-size", "2"], nproc=2)
+    lines = []
+    assert wait_for_line(proc, "iter      3/1000", 240, lines), "".join(lines)[-3000:]
+    os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends (torchrun forwards it to its workers)
+    time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # the same Ctrl-C twice in a row: still a clean stop
+    (rc, rest), = finish([proc], 240)
+    out = "".join(lines) + rest
+    assert "interrupted: finishing this step, then saving" in out, out[-3000:]
+    stopped = re.search(r"stopped early \(signal SIGINT\) at iteration (\d+); exit status 130", out)
+    assert stopped, out[-3000:]
+    assert (save / TRACKER_FILE).read_text().strip() == stopped.group(1)
+    assert not (save / REQUEUE_MARKER).exists()
+    assert rc == (130 if nproc == 1 else 1), out[-3000:]  # torchrun ends with 1 when a worker failed
