@@ -214,11 +214,13 @@ def _flag_help(section: str, name: str, default: Any) -> str:
     return f"{text} (default: {shown})".replace("%", "%%")
 
 
-def _build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (),
-                  prog: str = "megatron_tempnet.train") -> argparse.ArgumentParser:
+def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: str = "megatron_tempnet.train",
+                 description: str = "Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config."
+                 ) -> argparse.ArgumentParser:
+    """The trainer's flags (every field of Config), after those of `parents` (a tool's own flags)."""
     parser = _OneLineErrorParser(
         prog=prog, parents=list(parents), usage="%(prog)s [--config FILE] [--dry-run] [FLAG VALUE ...]",
-        description="Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config.",
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with sections: " + ", ".join(_SECTIONS) + " (default: none)")
     parser.add_argument("--dry-run", action="store_true", help="check the job's inputs (config, data, tokenizer, "
@@ -285,7 +287,7 @@ def load_config(argv: Optional[list[str]] = None, *, parser: Optional[argparse.A
                 ) -> tuple[Config, argparse.Namespace]:
     """Parse flags (and the YAML file they name) into a Config. Returns (config, parsed namespace).
     `parser`: one made by `build_parser` with a tool's own flags added (tools/check_job.py)."""
-    args = (parser or _build_parser()).parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     cfg = Config()
     if args.config:
         _apply_yaml(cfg, args.config)

@@ -151,9 +151,9 @@ def test_every_field_has_a_description():
 
 
 def test_trainer_help_shows_description_choices_and_default_of_every_flag():
-    from megatron_tempnet.config import _build_parser
+    from megatron_tempnet.config import build_parser
 
-    parser = _build_parser()
+    parser = build_parser()
     for action in parser._actions:
         if action.dest == "help":
             continue
@@ -383,3 +383,49 @@ def test_ctrl_c_saves_like_sigterm_and_does_not_ask_for_a_requeue(tmp_path, npro
     assert (save / TRACKER_FILE).read_text().strip() == stopped.group(1)
     assert not (save / REQUEUE_MARKER).exists()
     assert rc == (130 if nproc == 1 else 1), out[-3000:]  # torchrun ends with 1 when a worker failed
+
+
+TOOLS = ["tools/build_stdlib_corpus.py", "tools/check_job.py", "tools/convert_to_hf.py", "tools/inspect_dataset.py",
+         "tools/merge_datasets.py", "tools/preprocess_data.py", "tools/shade_tokens.py",
+         "tools/train_adaptive_decoder.py", "tools/train_tokenizer.py", "-m megatron_tempnet.train"]
+
+
+def option_blocks(help_text: str) -> dict:
+    """{invocation: help} for every option of an argparse --help text."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (-\S.*?)(?:\s{2,}(.*))?$", line)
+        if m and not line.startswith("   "):
+            current = m.group(1).strip()
+            blocks[current] = m.group(2) or ""
+        elif current and line.startswith(" " * 6) and line.strip():
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.slow  # ten interpreters that import torch
+def test_every_tool_help_shows_description_choices_and_default_of_every_flag():
+    procs = {t: subprocess.Popen([sys.executable, *t.split(), "--help"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="300"))
+             for t in TOOLS}
+    problems = []
+    for tool, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (tool, err[-2000:])
+        head = out.split("\n\n")
+        assert len(head) > 2 and len(head[1].strip()) > 20, (tool, "no description")
+        blocks = option_blocks(out)
+        assert len(blocks) > 2, (tool, out)
+        for invocation, text in blocks.items():
+            if invocation.startswith("-h"):
+                continue
+            described = re.sub(r"\((default|choices|required|must be)[^)]*\)", "", text).strip()
+            if not described:
+                problems.append(f"{tool} {invocation}: no description")
+            if "(default:" not in text and "(required" not in text:
+                problems.append(f"{tool} {invocation}: no default")
+            if "{" in invocation and "choices:" not in text:
+                problems.append(f"{tool} {invocation}: no choices")
+    assert not problems, "\n".join(problems)
