@@ -815,7 +815,6 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
     if ckpt is None:
         _log(f"no checkpoint in {path} yet: starting from scratch")
         return None
-    check_integrity(ckpt, cfg)
     info = read_info(ckpt)
     if "optimizer" not in info["contents"]:
         raise CheckpointError(
@@ -830,6 +829,7 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
             f"{ckpt} was saved in --mode {saved['train']['mode']}, this run uses --mode {cfg.train.mode}: their "
             f"optimizers differ; resume with --mode {saved['train']['mode']}, or start the new mode from the "
             f"weights with --pretrained-checkpoint {ckpt}")
+    check_integrity(ckpt, cfg)
     layout = _layout()
     same_layout = all(info["layout"].get(k) == layout[k] for k in ("tp", "pp", "dp"))
     sd = _state_dict(model, optimizer, scheduler, is_loading=True, with_rng=same_layout, layout=layout)
@@ -863,10 +863,10 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     ckpt = resolve_checkpoint(path)
-    check_integrity(ckpt, cfg)
     info = read_info(ckpt)
     if cfg is not None:
         check_model_matches(info["config"], cfg, str(ckpt), tempnet_optional=True)
+    check_integrity(ckpt, cfg)
     shapes = checkpoint_tensor_shapes(ckpt)
     metadata = sharded_state_dict_metadata()
     sd = {}
