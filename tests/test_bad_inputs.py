@@ -429,3 +429,51 @@ def test_every_tool_help_shows_description_choices_and_default_of_every_flag():
             if "{" in invocation and "choices:" not in text:
                 problems.append(f"{tool} {invocation}: no choices")
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- --save
+
+
+def test_a_save_folder_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from megatron_tempnet.training import preflight
+
+    cfg, _ = load_config([*TINY, "--save", str(tmp_path / "run")])
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(ConfigError, match="but one checkpoint needs about .* GiB; free space"):
+        preflight.check_save_folder(cfg, copies=1)
+
+
+def test_a_read_only_save_folder_is_refused(tmp_path, monkeypatch):
+    from megatron_tempnet.training import preflight
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Read-only file system")
+
+    cfg, _ = load_config([*TINY, "--save", str(tmp_path / "run")])
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", refuse)
+    with pytest.raises(ConfigError, match=f"--save {tmp_path / 'run'}: {tmp_path} is not writable"):
+        preflight.check_save_folder(cfg, copies=1)
+
+
+@pytest.mark.parametrize("save", ["/proc/ckpt", "a_file/ckpt"])
+def test_the_trainer_refuses_an_unwritable_save_folder_before_its_first_step(tmp_path, save):
+    (tmp_path / "a_file").write_text("x")
+    save = save if save.startswith("/") else str(tmp_path / save)
+    rc, out, err = run_trainer([*TINY, "--save", save])
+    assert rc == 2 and "iter " not in out
+    assert_one_line_error(rc, out, err, f"--save {save}", "is not writable", "choose a folder you can write to")
+
+
+# ---------------------------------------------------------------------------------------------- in the trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no validation split", "missing tokenizer"])
+def test_errors_inside_the_trainer_are_one_line(data, case):
+    args = (_data_args(data, data["good"], "--split", "100,0,0") if case == "no validation split" else
+            _data_args(data, data["good"], "--tokenizer-model", str(data["dir"] / "nope.model")))
+    rc, out, err = run_trainer(args, nproc=2)
+    words = ["leaves no validation documents"] if case == "no validation split" else ["nope.model"]
+    assert_one_line_error(rc, out, err, *words)
