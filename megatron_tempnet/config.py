@@ -196,11 +196,12 @@ def _section_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (the trainer's usage text runs to a hundred lines)."""
+class _ConfigErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors, reported like every other bad input: one line, not the usage text
+    (which runs to a hundred lines here)."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
+        raise ConfigError(f"{message} (see --help)")
 
 
 def _flag_help(section: str, name: str, default: Any) -> str:
@@ -218,7 +219,7 @@ def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: s
                  description: str = "Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config."
                  ) -> argparse.ArgumentParser:
     """The trainer's flags (every field of Config), after those of `parents` (a tool's own flags)."""
-    parser = _OneLineErrorParser(
+    parser = _ConfigErrorParser(
         prog=prog, parents=list(parents), usage="%(prog)s [--config FILE] [--dry-run] [FLAG VALUE ...]",
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -237,8 +238,9 @@ def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: s
             elif base is list or typing.get_origin(base) is list:
                 group.add_argument(_flag(section, name), nargs="+", metavar=name.upper(), **kw)
             else:
-                group.add_argument(_flag(section, name), type=base, choices=CHOICES.get(dest),
-                                   metavar=None if dest in CHOICES else name.upper(), **kw)
+                # Choices are checked by validate(), for flags and YAML keys alike (one message for both).
+                metavar = "{" + ",".join(CHOICES[dest]) + "}" if dest in CHOICES else name.upper()
+                group.add_argument(_flag(section, name), type=base, metavar=metavar, **kw)
     return parser
 
 
@@ -337,9 +339,10 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     m, p, t, tn = cfg.model, cfg.parallel, cfg.train, cfg.tempnet
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     _check_field_values(cfg)
-    for low, high, flags in ((t.min_lr, t.lr, "--min-lr / --lr"), (tn.min_lr, tn.lr, "--tempnet-min-lr / --tempnet-lr")):
-        if low > high:
-            raise ConfigError(f"{flags}: the final learning rate {low} exceeds the peak {high}; lower the first")
+    for low, high, prefix in ((t.min_lr, t.lr, "--"), (tn.min_lr, tn.lr, "--tempnet-")):
+        if low > high:  # megatron-core's scheduler asserts it
+            raise ConfigError(f"{prefix}min-lr {low} exceeds {prefix}lr {high}, but the learning rate decays from "
+                              f"{prefix}lr to {prefix}min-lr; pass a {prefix}min-lr of at most {high}")
 
     if world_size % (tp * pp) != 0:
         raise ConfigError(

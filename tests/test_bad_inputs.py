@@ -82,7 +82,9 @@ def _refuse(argv, expected):
     (["--dro-rho", "nan"], "--dro-rho must be a finite number >= 0; got nan"),
     (["--dro-rho", "-1"], "--dro-rho must be >= 0; got -1.0"),
     (["--lr", "inf"], "--lr must be a finite number"),
-    (["--min-lr", "1", "--lr", "0.1"], "--min-lr / --lr: the final learning rate 1.0 exceeds the peak 0.1"),
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 exceeds --lr 0.1, but the learning rate decays from --lr to "
+                                       "--min-lr; pass a --min-lr of at most 0.1"),
+    (["--tempnet-lr", "1e-6"], "--tempnet-min-lr 1e-05 exceeds --tempnet-lr 1e-06"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
 ])
 def test_meaningless_numbers_are_refused_at_validation(argv, expected):
@@ -135,10 +137,14 @@ def test_yaml_errors_are_one_line_on_rank_0(tmp_path, yaml_text, words):
     assert_one_line_error(rc, out, err, *words)
 
 
-def test_a_bad_flag_is_one_line():
-    rc, out, err = run_trainer(["--arch", "gtp"])
-    assert rc == 2 and err.strip().splitlines() == ["error: argument --arch: invalid choice: 'gtp' (choose from "
-                                                   "'gpt', 'llama') (see --help)"]
+@pytest.mark.parametrize("args,line", [
+    (["--arch", "gtp"], "error: --arch must be one of gpt, llama; got 'gtp'"),  # the same words as from YAML
+    (["--num-layers", "four"], "error: argument --num-layers: invalid int value: 'four' (see --help)"),
+    (["--hidden-sise", "64"], "error: unrecognized arguments: --hidden-sise 64 (see --help)"),
+])
+def test_a_bad_flag_is_one_line(args, line):
+    rc, out, err = run_trainer([*TINY, *args])
+    assert rc == 2 and err.strip().splitlines() == [line]
 
 
 # ---------------------------------------------------------------------------------------------- --help
@@ -159,7 +165,7 @@ def test_trainer_help_shows_description_choices_and_default_of_every_flag():
             continue
         assert action.help and "(default:" in action.help, action.option_strings
         if action.dest in ("model.arch", "loss.loss_impl", "fp8.fp8_recipe"):
-            assert action.choices and "choices:" in action.help
+            assert "choices:" in action.help and action.metavar.startswith("{")
     text = subprocess.run([sys.executable, "-m", "megatron_tempnet.train", "--help"], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="200")).stdout
     assert re.search(r"--arch \{gpt,llama\}\s+model family.*\(choices: gpt, llama\) \(default: gpt\)", text), text
