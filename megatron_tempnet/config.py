@@ -232,7 +232,8 @@ def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: s
         for name, tp in _section_types(section).items():
             base = _base_type(tp)
             dest = f"{section}.{name}"
-            kw = dict(dest=dest, default=None, help=_flag_help(section, name, getattr(getattr(defaults, section), name)))
+            default = getattr(getattr(defaults, section), name)
+            kw = dict(dest=dest, default=None, help=_flag_help(section, name, default))
             if base is bool:
                 group.add_argument(_flag(section, name), action=argparse.BooleanOptionalAction, **kw)
             elif base is list or typing.get_origin(base) is list:

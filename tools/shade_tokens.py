@@ -59,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--html", help="write the HTML page here")
     o.add_argument("--png", help="write the PNG picture here (needs Pillow)")
     o.add_argument("--save-json", help="also write the tokens and temperatures as JSON (the --input format)")
-    o.add_argument("--vmin", type=float, help="temperature at the cold end of the colour scale (unset: the lowest shown)")
-    o.add_argument("--vmax", type=float, help="temperature at the hot end of the colour scale (unset: the highest shown)")
+    o.add_argument("--vmin", type=float, help="temperature at the cold end of the colour scale (unset: the lowest "
+                   "shown)")
+    o.add_argument("--vmax", type=float, help="temperature at the hot end of the colour scale (unset: the highest "
+                   "shown)")
     o.add_argument("--width", type=int, default=800, help="PNG width in pixels")
     o.add_argument("--font-size", type=int, default=16, help="font size in pixels")
     o.add_argument("--title", default="Temperature per token", help="title of the page and the picture")

@@ -135,7 +135,8 @@ def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
     )
 
     n_seq = check_dataset_prefix(prefix)["sequence_count"]
-    for name, bounds in zip(("train", "valid", "test"), convert_split_vector_to_split_matrix(parse_and_normalize_split(split))):
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "valid", "test"), matrix):
         if bounds is None:
             continue
         beg, end = int(round(bounds[0] * n_seq)), int(round(bounds[1] * n_seq))

@@ -13,7 +13,6 @@ of the same save folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,13 +20,10 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
+from ..data.indexed import sha256_file
+
 CHECKSUM_FILE = "checksums.json"
 _UNHASHED = {CHECKSUM_FILE, "tempnet_checkpoint.json"}  # written after the checksums
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _rank_world() -> tuple:
@@ -51,7 +47,8 @@ def record_checksums(folder: Path) -> None:
     """Called on every rank once all files of the checkpoint are written into `folder`; rank 0 writes
     checksums.json. {file name: {"bytes", "sha256"}} for every file except the description files."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in _UNHASHED)
-    entries = _share(names, lambda n: (n, {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}))
+    entries = _share(names, lambda n: (n, {"bytes": (folder / n).stat().st_size,
+                                           "sha256": sha256_file(str(folder / n))}))
     if _rank_world()[0] == 0:
         tmp = folder / f".{CHECKSUM_FILE}.tmp"
         with open(tmp, "w") as f:
@@ -81,7 +78,7 @@ def _file_problem(folder: Path, name: str, entry: Optional[dict], need: int, has
         return f"{name} has {size} bytes, {entry['bytes']} were written"
     if size < need:
         return f"{name} has {size} bytes, but the checkpoint's index reads up to byte {need}"
-    if hashes and entry is not None and _sha256(path) != entry["sha256"]:
+    if hashes and entry is not None and sha256_file(str(path)) != entry["sha256"]:
         return f"{name} differs from what was written (its sha256 changed)"
     return None
 

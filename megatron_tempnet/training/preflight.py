@@ -84,7 +84,8 @@ def _check_data(cfg: Config) -> str:
         if cfg.model.vocab_size is not None:
             check_token_content(prefix, cfg.model.vocab_size, cfg.data.data_cache_path)
         check_split_sizes(prefix, cfg.data.split, cfg.model.seq_length)
-    checked = "token ids in the vocabulary" if cfg.model.vocab_size is not None else "token ids not checked (no vocabulary)"
+    checked = ("token ids in the vocabulary" if cfg.model.vocab_size is not None
+               else "token ids not checked (no vocabulary)")
     return f"{len(shards)} dataset shard(s) complete, {checked}, every split holds a sample"
 
 
@@ -141,7 +142,8 @@ def _probe_writable(folder: Path, what: str) -> None:
         os.close(fd)
         os.remove(name)
     except OSError as err:
-        raise ConfigError(f"{what}: {folder} is not writable ({err.strerror}); choose a folder you can write to") from None
+        raise ConfigError(f"{what}: {folder} is not writable ({err.strerror}); choose a folder you can write "
+                          "to") from None
 
 
 def check_save_folder(cfg: Config, copies: Optional[int] = None) -> str:
