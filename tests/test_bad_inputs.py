@@ -326,6 +326,18 @@ def test_damage_is_found_by_size_or_hash_and_old_checkpoints_load_unverified(sav
     assert checkpoint_problems(older) == ([], False)
 
 
+def test_a_missing_latest_checkpoint_names_the_newest_complete_one(saved, tmp_path):
+    import shutil
+
+    from megatron_tempnet.training.checkpointing import CheckpointError, resolve_checkpoint
+
+    run = _copy(saved, tmp_path)
+    shutil.rmtree(run / "iter_0000004")
+    with pytest.raises(CheckpointError, match=re.escape(f"is missing or incomplete; the newest complete checkpoint is "
+                                                        f"{run / 'iter_0000002'}: resume with --load")):
+        resolve_checkpoint(run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_a_damaged_latest_checkpoint_is_refused_naming_the_last_good_one(saved, tmp_path, damage):

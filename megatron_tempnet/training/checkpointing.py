@@ -172,10 +172,10 @@ def resolve_checkpoint(path: str | os.PathLike, *, allow_empty: bool = False) ->
                 f"{tracker} holds {text!r}, not an iteration number; fix or delete it, or pass one iter_N folder")
         target = p / iter_dir_name(int(text))
         if not (target / INFO_FILE).is_file():
-            others = ", ".join(c.name for c in complete_checkpoints(p)) or "none"
-            raise CheckpointError(
-                f"{tracker} names iteration {int(text)} but {target} is missing or incomplete; "
-                f"pass one of the complete checkpoints in {p} directly ({others})")
+            complete = complete_checkpoints(p)
+            fix = (f"the newest complete checkpoint is {complete[-1]}: resume with --load {complete[-1]}" if complete
+                   else f"{p} holds no complete checkpoint: drop --load to start from scratch")
+            raise CheckpointError(f"{tracker} names iteration {int(text)} but {target} is missing or incomplete; {fix}")
         read_info(target)
         return target
     complete = complete_checkpoints(p)
