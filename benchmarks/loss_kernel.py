@@ -10,8 +10,9 @@ Prints one JSON line per (shape, kind, method). Kinds:
                ``linear_dro_cross_entropy``: no N x V tensor anywhere.
 
 Methods: ``reference`` (plain torch, logits materialised), ``torch`` (chunked fused path), ``triton``
-(fused kernel, CUDA only), ``cce`` (apple's ``cut-cross-entropy`` package, tau = 1 plain CE, CUDA only,
-``loss`` kind only, if installed). ``filter_eps`` rows report the gradient error that CCE-style filtering
+(fused kernel, CUDA only), ``torch-lowmem`` / ``triton-lowmem`` (the same with the backward held to
+``--backward-memory-mib`` of working memory: blocks of tokens, ``linear_dro_cross_entropy(backward_memory=)``),
+``cce`` (apple's ``cut-cross-entropy`` package, tau = 1 plain CE, CUDA only, ``loss`` kind only, if installed). ``filter_eps`` rows report the gradient error that CCE-style filtering
 introduces, relative to the same method unfiltered (max |difference| / max |unfiltered|).
 
 Memory, honestly:
@@ -97,8 +98,9 @@ def tau_head(h1):
     return 0.5 + 4.5 * torch.sigmoid(h1.mean(1))
 
 
-def run_case(kind, method, E, C, targets, tau, W1, V, filter_eps=None):
-    """One forward + backward; returns the tensors the caller keeps (loss and grads)."""
+def run_case(kind, method, E, C, targets, tau, W1, V, filter_eps=None, backward_memory=None):
+    """One forward + backward; returns the tensors the caller keeps (loss and grads). backward_memory (bytes)
+    applies to the -lowmem methods."""
     import torch
 
     from tempnet_kernels.dro_cce import (linear_dro_cross_entropy, tempnet_first_layer_logits_free,
@@ -108,7 +110,8 @@ def run_case(kind, method, E, C, targets, tau, W1, V, filter_eps=None):
     C = C.detach().requires_grad_(kind != "tempnet")
     W1 = W1.detach().requires_grad_(kind != "loss")
     tau = tau.detach().requires_grad_(kind == "loss")
-    fused_impl = {"torch": "torch", "triton": "triton"}.get(method)
+    fused_impl = {"torch": "torch", "triton": "triton", "torch-lowmem": "torch", "triton-lowmem": "triton"}.get(method)
+    budget = backward_memory if method.endswith("-lowmem") else None
     if kind == "loss":
         if method == "reference":
             loss, _ = reference_dro_loss(E, C, targets, tau, RHO, V)
@@ -118,7 +121,8 @@ def run_case(kind, method, E, C, targets, tau, W1, V, filter_eps=None):
             loss = linear_cross_entropy(E, C, targets, reduction="none", ignore_index=-100,
                                         filter_eps=filter_eps)
         else:
-            loss = linear_dro_cross_entropy(E, C, targets, tau, RHO, V, impl=fused_impl, filter_eps=filter_eps)
+            loss = linear_dro_cross_entropy(E, C, targets, tau, RHO, V, impl=fused_impl, filter_eps=filter_eps,
+                                            backward_memory=budget)
         loss.float().mean().backward()
         return [loss.detach(), E.grad, C.grad] + ([tau.grad] if tau.grad is not None else [])
     if kind == "tempnet":
@@ -151,7 +155,8 @@ def run_case(kind, method, E, C, targets, tau, W1, V, filter_eps=None):
         m = vocab_parallel_logit_max(E, C, V)
         w1z, sq = tempnet_first_layer_logits_free(E, C, W1, V, shift=m)
         tau_ = tau_head(w1z / sq.sqrt().unsqueeze(1))
-        loss = linear_dro_cross_entropy(E, C, targets, tau_, RHO, V, impl=fused_impl, filter_eps=filter_eps)
+        loss = linear_dro_cross_entropy(E, C, targets, tau_, RHO, V, impl=fused_impl, filter_eps=filter_eps,
+                                        backward_memory=budget)
     loss.mean().backward()
     return [loss.detach(), E.grad, C.grad, W1.grad]
 
@@ -167,14 +172,17 @@ def _proc_status_kb(field):
     raise RuntimeError(field)
 
 
-def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, tau_range=(0.5, 2.0)):
+def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, tau_range=(0.5, 2.0),
+                backward_memory=None):
     """Runs in the process that measures; returns the JSON row."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     row = dict(kind=kind, method=method, tokens=N, vocab=V, hidden=D, dtype=dtype_name, device=device,
                filter_eps=filter_eps, tau_range=list(tau_range))
-    if method == "triton" and device != "cuda":
+    if method.endswith("-lowmem"):
+        row["backward_memory_mib"] = backward_memory / 2**20
+    if method.startswith("triton") and device != "cuda":
         return dict(row, skipped="triton kernel: CUDA only (tests run it under TRITON_INTERPRET=1)")
     if method == "cce":
         if device != "cuda" or kind != "loss":
@@ -185,7 +193,7 @@ def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, 
             return dict(row, skipped="cut-cross-entropy not installed (pip install cut-cross-entropy)")
     # warm-up on a tiny shape: library initialisation, Triton compilation of the same kernels
     wE, wC, wt, wtau, wW1 = make_inputs(64, 300, D, dtype, device)
-    run_case(kind, method, wE, wC, wt, wtau, wW1, 300, filter_eps)
+    run_case(kind, method, wE, wC, wt, wtau, wW1, 300, filter_eps, backward_memory)
     del wE, wC, wt, wtau, wW1
     E, C, targets, tau, W1 = make_inputs(N, V, D, dtype, device, tau_range=tau_range)
     from tempnet_kernels.dro_cce import FILTER_STATS
@@ -194,21 +202,21 @@ def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, 
     gc.collect()
     if device == "cuda":
         for _ in range(1):  # warm-up at the real shape (autotuning, allocator)
-            out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps)
+            out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps, backward_memory)
             del out
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps)
+        out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps, backward_memory)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         times = []
         for _ in range(repeats):
             del out
             t0 = time.perf_counter()
-            out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps)
+            out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps, backward_memory)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
@@ -217,18 +225,18 @@ def measure_one(kind, method, N, V, D, dtype_name, device, repeats, filter_eps, 
             f.write("5")  # reset VmHWM to the current RSS
         base_kb = _proc_status_kb("VmRSS")
         t0 = time.perf_counter()
-        out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps)
+        out = run_case(kind, method, E, C, targets, tau, W1, V, filter_eps, backward_memory)
         seconds = time.perf_counter() - t0
         peak = (_proc_status_kb("VmHWM") - base_kb) * 1024
     grads = sum(t.numel() * t.element_size() for t in out if t is not None)
     row.update(seconds=round(seconds, 3), peak_mb=round(peak / 2**20, 1), grads_mb=round(grads / 2**20, 1),
                work_mb=round((peak - grads) / 2**20, 1))
-    if filter_eps is not None and method == "torch":
+    if filter_eps is not None and method.startswith("torch"):
         from tempnet_kernels.dro_cce import FILTER_STATS
 
         row["skipped_fraction"] = round(FILTER_STATS["rows_skipped"] / max(FILTER_STATS["rows_total"], 1), 4)
     if filter_eps is not None:  # error that filtering introduces, against the same method unfiltered
-        ref = run_case(kind, method, E, C, targets, tau, W1, V, None)
+        ref = run_case(kind, method, E, C, targets, tau, W1, V, None, backward_memory)
         for name, a, b in zip(("loss", "dE", "dC", "dlast"), out, ref):
             if a is not None and b is not None:
                 err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
@@ -273,6 +281,8 @@ def main(argv=None):
     p.add_argument("--tau-range", default="0.5,2.0",
                    help="LO,HI: temperatures drawn uniformly from [LO, HI] (loss kind), e.g. 0.01,0.1")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backward-memory-mib", type=float, default=32.0,
+                   help="working-memory budget of the -lowmem methods' backward (MiB)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one is not None:
@@ -282,7 +292,11 @@ def main(argv=None):
     shapes = ([tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")] if a.shapes
               else GRIDS[a.grid or ("gpu" if a.device == "cuda" else "cpu")])
     methods = (a.methods.split(",") if a.methods
-               else (["reference", "torch", "triton", "cce"] if a.device == "cuda" else ["reference", "torch"]))
+               else (["reference", "torch", "triton", "triton-lowmem", "cce"] if a.device == "cuda"
+                     else ["reference", "torch"]))
+    if a.backward_memory_mib <= 0:
+        p.error(f"--backward-memory-mib must be positive; got {a.backward_memory_mib}")
+    budget = int(a.backward_memory_mib * 2**20)
     kinds = a.kinds.split(",")
     try:
         tau_range = [float(x) for x in a.tau_range.split(",")]
@@ -307,7 +321,7 @@ def main(argv=None):
             for method in methods:
                 if method == "cce" and kind != "loss":
                     continue
-                case = [kind, method, N, V, D, dtype, a.device, a.repeats, None, tau_range]
+                case = [kind, method, N, V, D, dtype, a.device, a.repeats, None, tau_range, budget]
                 row = run_in_subprocess(case) if a.device == "cpu" else _measure_guarded(case)
                 if method == "reference" and "peak_mb" in row:
                     ref_rows[kind] = row
@@ -321,7 +335,7 @@ def main(argv=None):
                 if method in ("reference", "cce" if a.device != "cuda" else ""):
                     continue
                 for eps in eps_list:
-                    case = ["loss", method, N, V, D, dtype, a.device, a.repeats, eps, tau_range]
+                    case = ["loss", method, N, V, D, dtype, a.device, a.repeats, eps, tau_range, budget]
                     row = run_in_subprocess(case) if a.device == "cpu" else _measure_guarded(case)
                     print(json.dumps(row), flush=True)
 

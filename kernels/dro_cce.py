@@ -63,6 +63,8 @@ __all__ = [
     "W1GradientAccumulator",
     "DEFAULT_CHUNK_SIZE",
     "default_chunk_size",
+    "LOW_MEMORY_CHUNK_SIZE",
+    "backward_token_block",
 ]
 
 #: exp(x) below about -87.3 is subnormal or zero in fp32, where torch's vectorised CPU exp is 10-30x slower (AVX-512,
@@ -91,6 +93,18 @@ def default_chunk_size(n_tokens: int, device: torch.device) -> int:
     if device.type != "cuda":
         return max(DEFAULT_CHUNK_SIZE, 2**21 // max(1, n_tokens))
     return max(1024, min(8192, 2**27 // max(1, n_tokens)))
+
+#: Vocabulary rows per chunk when the backward works within a memory budget (linear_dro_cross_entropy's
+#: backward_memory): 2048 rows keep the three products per chunk large enough for the tensor cores.
+LOW_MEMORY_CHUNK_SIZE = 2048
+
+
+def backward_token_block(budget_bytes: int, chunk_size: int, hidden_size: int) -> int:
+    """Tokens per block of the backward so that its working memory, block * (6 chunk + 10 D) bytes (16-bit CUDA
+    inputs), fits budget_bytes: a multiple of 64, at least 64."""
+    per_token = 6 * chunk_size + 10 * hidden_size
+    return max(64, budget_bytes // per_token // 64 * 64)
+
 
 #: Counts of the backward's gradient filtering (vocabulary rows x chunks seen / skipped), for benchmarks.
 FILTER_STATS = {"rows_total": 0, "rows_skipped": 0}
@@ -299,12 +313,47 @@ def _torch_forward_stats(E, C, inv_tau, tgt_local, n_valid, chunk):
     return (*stats, zy)
 
 
-def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC):
+def _softmax_minus_onehot(E, Cc, inv_tau, lse, tgt_local, c0, c1):
+    """[n, c] fp32 softmax(z / tau) - onehot(y) on vocabulary rows [c0, c1) of this shard (E, Cc as operands)."""
+    g = _chunk_logits(E, Cc)
+    g.mul_(inv_tau.unsqueeze(1)).sub_(lse.unsqueeze(1))
+    _exp_nonpositive(g, out=g)  # p = softmax(z / tau) on this chunk
+    idx = tgt_local - c0
+    here = (idx >= 0) & (idx < c1 - c0)
+    g.scatter_add_(1, idx.clamp(0, c1 - c0 - 1).unsqueeze(1), -here.float().unsqueeze(1))  # p - onehot(y)
+    return g
+
+
+def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC,
+                      token_block=None):
+    """(dE, dC): the logits recomputed chunk rows of the vocabulary at a time, for blocks of token_block tokens
+    (None: all tokens at once, the fastest). With token blocks, dE is accumulated in fp32 per block and dC is
+    summed over the blocks in C's dtype (one rounding per block in 16 bit); the working memory is then about
+    token_block * (6 chunk + 10 D) bytes instead of N * (6 chunk + 10 D) (16-bit CUDA inputs)."""
     N, D = E.shape
+    nb = N if token_block is None else max(1, min(int(token_block), N))
     low = _tensor_core_operands(E)
-    E = _operand(E)
-    dE32 = torch.zeros(N, D, dtype=torch.float32, device=E.device) if need_dE else None
+    Eop = _operand(E)
+    dE = (torch.empty_like(E) if nb < N else None) if need_dE else None
     dC = torch.zeros_like(C) if need_dC else None
+    for i0 in range(0, N, nb):
+        i1 = min(i0 + nb, N)
+        dEb = _token_block_backward(Eop[i0:i1], C, inv_tau[i0:i1], lse[i0:i1], gscale[i0:i1], tgt_local[i0:i1],
+                                    n_valid, chunk, filter_eps, need_dE, need_dC, low, dC, first=i0 == 0)
+        if need_dE:
+            if nb == N:
+                dE = dEb.to(E.dtype)
+            else:
+                dE[i0:i1] = dEb
+        del dEb
+    return dE, dC
+
+
+def _token_block_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, filter_eps, need_dE, need_dC,
+                          low, dC, first):
+    """One block of tokens: returns its fp32 dE rows and adds its share of dC into `dC` (writes it if `first`)."""
+    n, D = E.shape
+    dE32 = torch.zeros(n, D, dtype=torch.float32, device=E.device) if need_dE else None
     active = (gscale != 0).float().unsqueeze(1)
     # 16-bit CUDA inputs: the products run in 16 bit with fp32 accumulation, and the per-token grad scale stays
     # out of the 16-bit operands (applied after the dE product, folded into E for dC), as in the Triton kernel.
@@ -312,12 +361,7 @@ def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, fil
     for c0 in range(0, n_valid, chunk):
         c1 = min(c0 + chunk, n_valid)
         Cc = C[c0:c1] if low else C[c0:c1].float()
-        g = _chunk_logits(E, Cc)
-        g.mul_(inv_tau.unsqueeze(1)).sub_(lse.unsqueeze(1))
-        _exp_nonpositive(g, out=g)  # p = softmax(z / tau) on this chunk
-        idx = tgt_local - c0
-        here = (idx >= 0) & (idx < c1 - c0)
-        g.scatter_add_(1, idx.clamp(0, c1 - c0 - 1).unsqueeze(1), -here.float().unsqueeze(1))  # p - onehot(y)
+        g = _softmax_minus_onehot(E, Cc, inv_tau, lse, tgt_local, c0, c1)
         rows = None
         if filter_eps is not None:
             g.mul_(active)  # ignored tokens do not count
@@ -340,14 +384,16 @@ def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, fil
             if need_dE:
                 dE32.addmm_(g, Cc)
             dCc = (g.t() @ E).to(C.dtype) if need_dC else None
-        if need_dC:
+        if need_dC:  # the first block writes its rows, later ones add to them (one rounding each in 16 bit)
+            dCc = dCc.to(C.dtype)
             if rows is None:
-                dC[c0:c1] = dCc
+                dC[c0:c1] = dCc if first else dC[c0:c1] + dCc
+            elif first:
+                dC[c0:c1].index_copy_(0, rows, dCc)
             else:
-                dC[c0:c1].index_copy_(0, rows, dCc.to(C.dtype))
+                dC[c0:c1].index_add_(0, rows, dCc)
         del g, Cc
-    dE = dE32.to(E.dtype) if need_dE else None
-    return dE, dC
+    return dE32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +402,7 @@ def _chunked_backward(E, C, inv_tau, lse, gscale, tgt_local, n_valid, chunk, fil
 class _LinearDROCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, tau, targets, rho, vocab_size, vocab_start_index, tp_group,
-                ignore_index, impl, chunk_size, filter_eps):
+                ignore_index, impl, chunk_size, filter_eps, token_block):
         valid = targets != ignore_index
         # Ignored tokens get tau = 1 internally so that nothing there can produce inf/nan.
         tau32 = torch.where(valid, tau.float(), torch.ones((), dtype=torch.float32, device=tau.device))
@@ -384,6 +430,7 @@ class _LinearDROCrossEntropy(torch.autograd.Function):
         ctx.n_valid = n_valid
         ctx.chunk_size = chunk_size
         ctx.filter_eps = filter_eps
+        ctx.token_block = token_block
         ctx.tau_dtype = tau.dtype
         return loss
 
@@ -396,10 +443,10 @@ class _LinearDROCrossEntropy(torch.autograd.Function):
         dE = dC = dtau = None
         if need_dE or need_dC:
             dE, dC = _chunked_backward(hidden, weight, inv_tau, lse, gscale, tgt_local, ctx.n_valid,
-                                       ctx.chunk_size, ctx.filter_eps, need_dE, need_dC)
+                                       ctx.chunk_size, ctx.filter_eps, need_dE, need_dC, ctx.token_block)
         if need_dtau:
             dtau = (gscale * dldtau).to(ctx.tau_dtype)
-        return dE, dC, dtau, None, None, None, None, None, None, None, None, None
+        return dE, dC, dtau, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,6 +466,7 @@ def linear_dro_cross_entropy(
     impl: str = "auto",
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
+    backward_memory: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token DRO loss of ``hidden @ weight.T`` without materialising the logits.
 
@@ -443,14 +491,29 @@ def linear_dro_cross_entropy(
         filter_eps: if set, gradient blocks whose entries |softmax(z/tau)_k - [k = y]| are all below it are
             skipped in backward (as Cut Cross-Entropy does), per vocabulary row of a chunk over all tokens.
             Loss and dtau are exact.
+        backward_memory: None (default, the fastest): the backward takes all N tokens at once, working memory
+            about N * (6 chunk_size + 10 D) bytes for 16-bit CUDA inputs (fp32 dE accumulator, 16-bit E scaled
+            by the grad, the fp32 and 16-bit gradient chunk). An int: the backward's working-memory budget in
+            bytes; it then takes blocks of tokens (``backward_token_block``; chunk_size defaults to at most
+            LOW_MEMORY_CHUNK_SIZE) and sums dC over the blocks in weight's dtype (one rounding per block in
+            16 bit; dE and dtau as before). The Triton forward holds no logits; the torch forward's chunks stay
+            N x chunk_size.
 
     Returns:
         [...] per-token loss in fp32 (0 where ignored), identical on all tensor-parallel ranks;
         differentiable w.r.t. hidden (partial dE under TP), weight (local shard) and tau (full value).
     """
+    n_tokens = hidden.numel() // max(1, hidden.shape[-1])
+    if backward_memory is not None and (not isinstance(backward_memory, int) or isinstance(backward_memory, bool)
+                                        or backward_memory < 1):
+        raise ValueError(f"backward_memory must be None or a positive number of bytes, got {backward_memory!r}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.numel() // max(1, hidden.shape[-1]), hidden.device)
+        chunk_size = default_chunk_size(n_tokens, hidden.device)
+        if backward_memory is not None:
+            chunk_size = min(chunk_size, LOW_MEMORY_CHUNK_SIZE)
     _check_common(hidden, weight, vocab_size, vocab_start_index, tp_group, chunk_size)
+    token_block = (None if backward_memory is None
+                   else backward_token_block(int(backward_memory), int(chunk_size), hidden.shape[-1]))
     rho = _check_loss_inputs(hidden, weight, targets, tau, rho, vocab_size, ignore_index, impl, filter_eps)
     impl = _resolve_impl(impl, hidden.device)
     lead = hidden.shape[:-1]
@@ -458,6 +521,7 @@ def linear_dro_cross_entropy(
     loss = _LinearDROCrossEntropy.apply(
         h2, weight, tau.reshape(-1), targets.reshape(-1).long(), rho, int(vocab_size), int(vocab_start_index),
         tp_group, int(ignore_index), impl, int(chunk_size), None if filter_eps is None else float(filter_eps),
+        token_block,
     )
     return loss.view(lead)
 

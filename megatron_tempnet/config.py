@@ -106,13 +106,17 @@ class TempNetConfig:
     tau_max: float = 5.0
     dropout: float = 0.0
     input_variant: str = "normalized"  # "normalized": z/||z||; "max_shifted": (z - max z)/||z - max z||
-    lr: float = 1e-4  # TempNet's own learning rate (the paper used 2e-6 .. 1e-4)
-    min_lr: float = 1e-5
+    scale_input: bool = False  # also feed log RMS(z) to the first layer: the per-token optimum scales with z
+    tau_init: Optional[float] = 1.0  # every token's tau at initialisation (sets the last bias); None: the reference's
+    lr: float = 3e-3  # TempNet's own peak learning rate; Adam moves tau by ~lr per step, so lr x steps >~ 1
+    min_lr: float = 3e-4  # with lr_schedule "lm"
+    lr_schedule: str = "constant"  # "constant" after the LM's warm-up (the LLaMA-2 reference); "lm": the LM's decay
 
 
 @dataclass
 class LossConfig:
-    dro_rho: Optional[float] = None  # None: log V, which with tau = 1 is plain cross-entropy
+    dro_rho: Optional[float] = None  # None: log V (cross-entropy at tau = 1), or log V - dro_target_entropy
+    dro_target_entropy: Optional[float] = None  # nats: the entropy DRO aims softmax(z / tau) at, = log V - rho
     objective: str = "dro"  # "dro": tau CE(z/tau) + tau (rho - log V); "tau_ce": CE(z/tau) (ablation)
     loss_impl: str = "auto"  # "fused" (never materialises logits), "reference", or "auto" (whichever wins here)
 
@@ -126,7 +130,7 @@ class FP8Config:
     two O(log V) terms (rho - KL), which neither bf16's 8-bit nor FP8's 3-bit mantissa resolves."""
 
     fp8_format: Optional[str] = None  # None (off), "e4m3", "hybrid" (e4m3 forward, e5m2 gradients)
-    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "mxfp8" (Blackwell), "blockwise"
+    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "blockwise" (Hopper and later); "mxfp8" (Blackwell only)
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
 
@@ -315,6 +319,39 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     return 4 * cfg.hidden_size
 
 
+def dro_rho(loss: LossConfig, vocab_size: int) -> float:
+    """The DRO radius rho in nats: --dro-rho, else log V - --dro-target-entropy, else log V (which with tau = 1
+    is plain cross-entropy)."""
+    if loss.dro_rho is not None:
+        return loss.dro_rho
+    if loss.dro_target_entropy is not None:
+        return math.log(vocab_size) - loss.dro_target_entropy
+    return math.log(vocab_size)
+
+
+def _validate_dro_target(cfg: Config) -> None:
+    """TempNet trained with the DRO loss needs a target entropy it can reach (DESIGN.md, "Per-token optimum")."""
+    loss, tn = cfg.loss, cfg.tempnet
+    if loss.dro_rho is not None and loss.dro_target_entropy is not None:
+        raise ConfigError("pass --dro-rho or --dro-target-entropy, not both (the target entropy is log V - rho)")
+    if not (tn.enabled and loss.objective == "dro"):
+        return
+    if loss.dro_rho is None and loss.dro_target_entropy is None:
+        raise ConfigError(
+            "TempNet with the DRO objective needs a target: without --dro-rho, rho = log V and the target entropy "
+            "log V - rho is 0, which drives every tau to --tempnet-tau-min; pass --dro-target-entropy NATS "
+            "(e.g. 2.0, the entropy DRO aims each tempered prediction at) or --dro-rho")
+    if cfg.model.vocab_size is None:
+        return  # checked again once the tokenizer gives the vocabulary
+    log_v = math.log(cfg.model.vocab_size)
+    target = log_v - dro_rho(loss, cfg.model.vocab_size)
+    if not 0 < target < log_v:
+        raise ConfigError(
+            f"the DRO target entropy log V - rho = {target:.4g} nats must lie strictly between 0 and "
+            f"log V = {log_v:.4g} for TempNet to have a per-token optimum (0 drives every tau to "
+            f"--tempnet-tau-min); set --dro-target-entropy in (0, {log_v:.4g}) or --dro-rho in (0, {log_v:.4g})")
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
@@ -332,6 +369,40 @@ def _check_field_values(cfg: Config) -> None:
                 raise ConfigError(f"{flag} must be {problem}; got {value!r} (see --help for what it means)")
 
 
+def _validate_fp8(cfg: Config, *, cuda_available: bool, te_available: bool) -> None:
+    """FP8 through Transformer Engine: BF16 weights (fp32 master copies in the optimizer), a recipe that the
+    installed TE runs on this GPU (fp8_support.py), and matrix dimensions that FP8 products accept."""
+    from . import fp8_support
+
+    m, t, f = cfg.model, cfg.train, cfg.fp8  # (their choices are checked with every field's, config_fields.CHOICES)
+    if not cuda_available:
+        raise ConfigError(
+            "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
+            "drop --fp8-format to train in fp32/bf16 here"
+        )
+    if not te_available:
+        raise ConfigError(
+            "--fp8-format needs Transformer Engine; install it on the GPU machine (examples/gpu/README.md) "
+            "or drop --fp8-format"
+        )
+    if m.transformer_impl == "local":
+        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
+    if t.precision in ("fp32", "fp16"):
+        raise ConfigError(f"--fp8-format trains BF16 weights with fp32 master copies; use --precision bf16 (or auto), "
+                          f"not {t.precision}")
+    tp = cfg.parallel.tensor_model_parallel_size
+    tokens = m.seq_length * t.micro_batch_size // (tp if cfg.parallel.sequence_parallel else 1)
+    sizes = {"--hidden-size": m.hidden_size, "FFN size per TP rank": ffn_hidden_size(m) // tp,
+             "tokens per micro-batch and rank (seq-length x micro-batch-size)": tokens}
+    odd = [f"{name} {value}" for name, value in sizes.items() if value % 16]
+    if odd:
+        raise ConfigError(f"FP8 matrix products need dimensions divisible by 16; {', '.join(odd)} is not: "
+                          "change them or drop --fp8-format")
+    problem = fp8_support.recipe_problem(f.fp8_recipe)
+    if problem:
+        raise ConfigError(problem)
+
+
 def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
     """Refuse impossible combinations with a message that names the problem and the fix.
 
@@ -340,8 +411,9 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     m, p, t, tn = cfg.model, cfg.parallel, cfg.train, cfg.tempnet
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     _check_field_values(cfg)
-    for low, high, prefix in ((t.min_lr, t.lr, "--"), (tn.min_lr, tn.lr, "--tempnet-")):
-        if low > high:  # megatron-core's scheduler asserts it
+    decaying = [(t.min_lr, t.lr, "--")] + ([(tn.min_lr, tn.lr, "--tempnet-")] if tn.lr_schedule == "lm" else [])
+    for low, high, prefix in decaying:
+        if low > high:  # megatron-core's scheduler asserts it for the LM (and TempNet's lr would rise)
             raise ConfigError(f"{prefix}min-lr {low} exceeds {prefix}lr {high}, but the learning rate decays from "
                               f"{prefix}lr to {prefix}min-lr; pass a {prefix}min-lr of at most {high}")
 
@@ -396,18 +468,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
 
     if cfg.fp8.fp8_format is not None:
-        if not cuda_available:
-            raise ConfigError(
-                "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
-                "drop --fp8-format to train in fp32/bf16 here"
-            )
-        if not te_available:
-            raise ConfigError(
-                "--fp8-format needs Transformer Engine; install it with `pip install -e .[gpu]` on the GPU machine "
-                "or drop --fp8-format"
-            )
-        if m.transformer_impl == "local":
-            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
+        _validate_fp8(cfg, cuda_available=cuda_available, te_available=te_available)
     if m.transformer_impl == "transformer_engine" and not (cuda_available and te_available):
         raise ConfigError(
             "--transformer-impl transformer_engine needs a CUDA GPU with Transformer Engine installed; "
@@ -423,6 +484,11 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     if tn.enabled:
         if not 0 < tn.tau_min < tn.tau_max:
             raise ConfigError(f"TempNet needs 0 < --tempnet-tau-min < --tempnet-tau-max; got {tn.tau_min}, {tn.tau_max}")
+        if tn.tau_init is not None and not tn.tau_min < tn.tau_init < tn.tau_max:
+            raise ConfigError(
+                f"--tempnet-tau-init {tn.tau_init} must lie strictly between --tempnet-tau-min {tn.tau_min} and "
+                f"--tempnet-tau-max {tn.tau_max}")
+    _validate_dro_target(cfg)
     if t.mode == "frozen_lm" and not tn.enabled:
         raise ConfigError("--mode frozen_lm trains TempNet only; enable it with --tempnet-enabled")
     if t.mode in ("finetune", "frozen_lm") and not cfg.checkpoint.pretrained_checkpoint and not cfg.checkpoint.load:

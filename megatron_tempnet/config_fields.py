@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional
 
+from .fp8_support import RECIPES
+
 HELP = {
     "model.arch": "model family: GPT-2 shape (learned positions, LayerNorm, GELU) or LLaMA (RoPE, RMSNorm, SwiGLU)",
     "model.num_layers": "transformer layers",
@@ -79,9 +81,17 @@ HELP = {
     "tempnet.tau_max": "highest temperature (GPT-2 reference 5.0, LLaMA 2.0)",
     "tempnet.dropout": "dropout probability inside TempNet",
     "tempnet.input_variant": "TempNet's input: normalized = z/||z||; max_shifted = (z - max z)/||z - max z||",
-    "tempnet.lr": "TempNet's own peak learning rate (the paper used 2e-6 .. 1e-4)",
-    "tempnet.min_lr": "TempNet's learning rate at the end of the decay",
-    "loss.dro_rho": "DRO radius rho (nats); unset: log V, which with tau = 1 is plain cross-entropy",
+    "tempnet.scale_input": "also feed log RMS(z) to TempNet's first layer (the per-token optimum scales with z)",
+    "tempnet.tau_init": "every token's tau at initialisation (sets the last bias); unset: the reference's "
+                        "initialisation",
+    "tempnet.lr": "TempNet's own peak learning rate; Adam moves tau by about lr per step, so lr x steps should be "
+                  ">~ 1",
+    "tempnet.min_lr": "TempNet's learning rate at the end of the decay (with --tempnet-lr-schedule lm)",
+    "tempnet.lr_schedule": "constant: the LM's warm-up, then no decay; lm: the LM's decay down to --tempnet-min-lr",
+    "loss.dro_rho": "DRO radius rho (nats); unset: log V - --dro-target-entropy, or log V (with tau = 1 plain "
+                    "cross-entropy)",
+    "loss.dro_target_entropy": "the entropy (nats) DRO aims each tempered prediction softmax(z / tau) at, = log V - "
+                               "rho; TempNet with the DRO objective needs it (or --dro-rho)",
     "loss.objective": "dro: tau CE(z/tau) + tau (rho - log V); tau_ce: CE(z/tau) (ablation)",
     "loss.loss_impl": "fused: never materialises the logits; reference: plain torch; auto: whichever wins here",
     "fp8.fp8_format": "FP8 matmuls through Transformer Engine; unset: off. hybrid = e4m3 forward, e5m2 gradients",
@@ -114,10 +124,11 @@ CHOICES = {
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "tempnet.kind": ("network", "global"),
     "tempnet.input_variant": ("normalized", "max_shifted"),
+    "tempnet.lr_schedule": ("constant", "lm"),
     "loss.objective": ("dro", "tau_ce"),
     "loss.loss_impl": ("auto", "reference", "fused"),
     "fp8.fp8_format": ("e4m3", "hybrid"),
-    "fp8.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "fp8.fp8_recipe": RECIPES,
     "fp8.fp8_amax_compute_algo": ("max", "most_recent"),
     "attention_transfer.mode": ("none", "copy", "distill"),
 }
@@ -144,7 +155,8 @@ RANGES = {
     "train.clip_grad": NON_NEGATIVE, "train.eval_interval": NON_NEGATIVE, "train.exit_duration_in_mins": ABOVE_ZERO,
     "tempnet.hidden_size": POSITIVE, "tempnet.tau_min": ABOVE_ZERO, "tempnet.tau_max": ABOVE_ZERO,
     "tempnet.dropout": PROBABILITY, "tempnet.lr": NON_NEGATIVE, "tempnet.min_lr": NON_NEGATIVE,
-    "loss.dro_rho": NON_NEGATIVE,  # rho is a KL radius; rho > log V (negative target entropy) is config.validate's
+    "tempnet.tau_init": ABOVE_ZERO,  # (between the bounds: config.validate)
+    "loss.dro_rho": NON_NEGATIVE,  # rho is a KL radius; its bound log V and dro_target_entropy's are config.validate's
     "fp8.fp8_amax_history_len": POSITIVE,
     "checkpoint.save_interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
     "logging.log_interval": POSITIVE, "logging.tau_histogram_interval": POSITIVE,

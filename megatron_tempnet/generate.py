@@ -8,8 +8,8 @@ Every next-token distribution is softmax(z / tau / --temperature) with tau TempN
 that position (--no-tempnet: tau = 1), then --top-k / --top-p. Our checkpoints (saved at any TP/PP) run
 on one process at TP = PP = 1 and re-run the full prefix at every step (no KV cache); Hugging Face folders
 use transformers with its KV cache, and TempNet from the folder's tempnet.safetensors when present.
-Output: the prompt and its continuation per prompt; --print-tau adds each generated token with its tau;
---json prints one JSON object per prompt instead.
+Output: the prompt and its continuation per prompt; --print-tau adds each generated token with its tau and
+the sample's tau mean and std; --json prints one JSON object per prompt instead.
 """
 from __future__ import annotations
 
@@ -143,6 +143,16 @@ def _print(records, args) -> None:
             for j, (t, tau, piece) in enumerate(zip(rec["token_ids"], taus, pieces)):
                 tau_s = f"{tau:.4f}" if tau is not None else "1 (no TempNet)"
                 print(f"  {j:4d}  {t:8d}  {tau_s:7s}  {piece!r}")
+            if rec["taus"]:
+                print(f"  {tau_summary(rec['taus'])}")
+
+
+def tau_summary(taus: List[float]) -> str:
+    """One line on a sample's per-token temperatures: how much TempNet varies them."""
+    n = len(taus)
+    mean = sum(taus) / n
+    std = (sum((t - mean) ** 2 for t in taus) / n) ** 0.5
+    return f"tau over {n} generated tokens: mean {mean:.4f}, std {std:.4f}, min {min(taus):.4f}, max {max(taus):.4f}"
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
          "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-interval", "0",
-         "--eval-iters", "1", "--tempnet-enabled", "--tempnet-hidden-size", "16", "--log-interval", "1",
+         "--eval-iters", "1", "--tempnet-enabled", "--tempnet-hidden-size", "16", "--dro-target-entropy", "3", "--log-interval", "1",
          "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2"]
 
 

@@ -1,4 +1,5 @@
 """Configuration: YAML + Megatron-style flags, and the early, clear refusal of impossible runs."""
+import math
 import re
 import subprocess
 import sys
@@ -86,3 +87,28 @@ def test_mock_data_needs_a_vocabulary_size():
     cfg, _ = load_config(["--mock-data"])
     with pytest.raises(ConfigError, match="--mock-data needs --vocab-size"):
         validate(cfg, 1, cuda_available=False, te_available=False)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], "TempNet with the DRO objective needs a target"),
+    (["--dro-rho", repr(math.log(1000))], "target entropy log V - rho = 0 nats must lie strictly between 0"),
+    (["--dro-target-entropy", "0"], "must lie strictly between 0 and log V"),
+    (["--dro-target-entropy", "7.5"], "must lie strictly between 0 and log V = 6.908"),
+    (["--dro-target-entropy", "2", "--dro-rho", "4"], "not both"),
+    (["--dro-target-entropy", "2", "--tempnet-tau-init", "5"], "--tempnet-tau-init 5.0 must lie strictly between"),
+    (["--dro-target-entropy", "2", "--tempnet-lr-schedule", "cosine"], "--tempnet-lr-schedule must be one of"),
+])
+def test_tempnet_without_a_reachable_target_is_refused(argv, expected):
+    """rho = log V (the default) gives a target entropy of 0: every tau would be driven to tau_min."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        _validate(["--tempnet-enabled"] + argv, 1)
+
+
+def test_a_reachable_target_is_accepted_and_sets_rho():
+    from megatron_tempnet.config import dro_rho
+
+    cfg = _validate(["--tempnet-enabled", "--dro-target-entropy", "2.5"], 1)
+    assert dro_rho(cfg.loss, 1000) == pytest.approx(math.log(1000) - 2.5)
+    base = _validate([], 1)  # no TempNet: rho = log V, plain cross-entropy
+    assert dro_rho(base.loss, 1000) == pytest.approx(math.log(1000))
+    _validate(["--tempnet-enabled", "--objective", "tau_ce"], 1)  # no DRO term

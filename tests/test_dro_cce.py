@@ -446,3 +446,76 @@ def test_cpu_exp_stays_in_the_normal_range():
     assert torch.all(got >= tiny) and torch.all(got[~kept] - exact[~kept] < 2 * tiny)
     buf = s.clone()
     assert _exp_nonpositive(buf, out=buf) is buf and torch.equal(buf, got)  # in place
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward within a memory budget (blocks of tokens), off by default
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1, 2_000, 10**9])  # one block of 64, blocks of 64 tokens, all tokens at once
+def test_backward_within_a_memory_budget_matches_reference_fp32(budget):
+    from tempnet_kernels.dro_cce import backward_token_block
+
+    hidden, weight, targets, tau, up = make_inputs(N=150, V=37, V_pad=40, D=16, n_ignored=9)
+    ref = run_reference(hidden, weight, targets, tau, 0.8, 37, up)
+    got = run_fused(hidden, weight, targets, tau, 0.8, 37, up, impl="torch", chunk_size=16, backward_memory=budget)
+    assert_close_all(got, ref, 1e-5)
+    assert torch.all(got[2][37:] == 0)
+    assert backward_token_block(budget, 16, 16) == {1: 64, 2_000: 64, 10**9: 10**9 // 256 // 64 * 64}[budget]
+    default = run_fused(hidden, weight, targets, tau, 0.8, 37, up, impl="torch", chunk_size=16)
+    assert torch.equal(got[0], default[0]) and torch.equal(got[3], default[3])  # loss and dtau: the same forward
+
+
+def test_backward_within_a_memory_budget_bf16():
+    """bf16: dC summed over the token blocks in bf16 (one rounding per block) stays within bf16 round-off."""
+    hidden, weight, targets, tau, up = make_inputs(N=256, V=37, V_pad=48, D=32, n_ignored=11)
+    ref = run_reference(hidden.bfloat16().double(), weight.bfloat16().double(), targets, tau, 0.5, 37, up)
+    got = run_fused(hidden, weight, targets, tau, 0.5, 37, up, dtype=torch.bfloat16, impl="torch", chunk_size=16,
+                    backward_memory=1)  # four blocks of 64 tokens
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    assert_close_all(got[:1] + got[3:], ref[:1] + ref[3:], 1e-5, names=("loss", "dtau"))
+    assert_close_all(got[1:3], ref[1:3], 1e-2, names=("dE", "dC"))
+
+
+def test_backward_within_a_memory_budget_with_filtering_and_partial_grads():
+    hidden, weight, targets, tau, up = make_inputs(N=200, V=300, V_pad=320, D=16, tau_range=(0.2, 0.5))
+    hidden = hidden * 3
+    base = run_fused(hidden, weight, targets, tau, 0.5, 300, up, impl="torch", chunk_size=64, backward_memory=1)
+    ref = run_reference(hidden, weight, targets, tau, 0.5, 300, up)
+    assert_close_all(base, ref, 1e-5)
+    filt = run_fused(hidden, weight, targets, tau, 0.5, 300, up, impl="torch", chunk_size=64, filter_eps=1e-6,
+                     backward_memory=1)
+    assert rel_err(filt[1], base[1]) < 1e-4 and rel_err(filt[2], base[2]) < 1e-4
+    h = hidden.float().requires_grad_()  # dE only
+    loss = linear_dro_cross_entropy(h, weight.float(), targets, tau.float(), 0.5, 300, impl="torch",
+                                    chunk_size=64, backward_memory=1)
+    (loss * up.float()).sum().backward()
+    assert rel_err(h.grad, ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "1e6"])
+def test_bad_backward_memory_is_refused(bad):
+    hidden, weight, targets, tau, _ = make_inputs()
+    with pytest.raises((ValueError, TypeError), match="backward_memory"):
+        linear_dro_cross_entropy(hidden.float(), weight.float(), targets, tau.float(), 0.5, 37, backward_memory=bad)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_within_a_memory_budget_on_gpu(dtype):
+    """The 16-bit tensor-core path of the token-block backward against the default backward and float64."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, V, V_pad, D = 4096, 5003, 5120, 256
+    hidden = (torch.randn(N, D, device="cuda", generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V_pad, D, device="cuda", generator=g) * 0.1).to(dtype)
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    targets[::17] = IGNORE
+    tau = 0.3 + 2 * torch.rand(N, device="cuda", generator=g)
+    up = torch.randn(N, device="cuda", generator=g)
+    ref = run_reference(hidden.cpu().double(), weight.cpu().double(), targets.cpu(), tau.cpu(), 0.5, V, up.cpu())
+    default = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype)
+    small = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype, backward_memory=2**22)  # 4 MiB: 64-token blocks
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got in (default, small):
+        assert_close_all([x.cpu() for x in got[1:3]], ref[1:3], tol, names=("dE", "dC"))
+    assert_close_all([x.cpu() for x in small], [x.cpu() for x in default], tol)

@@ -52,6 +52,12 @@ def _child_checks():
         b = run_fused(hidden, weight, targets, tau, rho, 37, up, dtype=dt, impl="torch")
         for k, x, y in zip(("loss", "dE", "dC", "dtau"), a, b):
             out[f"{str(dt)[6:]}_{k}"] = rel_err(x, y)
+    # the Triton forward with the backward in token blocks (backward_memory), against float64
+    h2, w2, t2, tau2, up2 = make_inputs(N=150, V=37, V_pad=40, D=16, n_ignored=9)
+    ref2 = run_reference(h2, w2, t2, tau2, rho, 37, up2)
+    got2 = run_fused(h2, w2, t2, tau2, rho, 37, up2, impl="triton", backward_memory=1)
+    for k, x, y in zip(("loss", "dE", "dC", "dtau"), got2, ref2):
+        out[f"token_blocks_{k}"] = rel_err(x, y)
     # impl="auto" on CPU tensors takes the torch path even with the interpreter on
     auto = run_fused(hidden, weight, targets, tau, rho, 37, up, impl="auto")
     out["auto_is_torch"] = max(float((x - y).abs().max()) for x, y in zip(
@@ -84,6 +90,12 @@ def test_triton_interpreter_16bit_matches_torch_path(interp_results):
     for dt, tol in (("float16", 5e-3), ("bfloat16", 3e-2)):
         assert interp_results[f"{dt}_loss"] < 1e-5 and interp_results[f"{dt}_dtau"] < 1e-5, interp_results
         assert interp_results[f"{dt}_dE"] < tol and interp_results[f"{dt}_dC"] < tol, interp_results
+
+
+def test_triton_forward_with_token_block_backward_matches_reference(interp_results):
+    pytest.importorskip("triton")
+    for k in ("loss", "dE", "dC", "dtau"):
+        assert interp_results[f"token_blocks_{k}"] < 1e-5, (k, interp_results)
 
 
 def test_auto_takes_the_torch_path_on_cpu_tensors(interp_results):

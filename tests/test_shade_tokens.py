@@ -143,7 +143,8 @@ def test_shading_from_hf_folder_equals_shading_from_checkpoint(tmp_path):
     proc = _run(["-m", "megatron_tempnet.train", "--config", "examples/configs/tiny_gpt.yaml", "--vocab-size", "300",
                  "--tokenizer-model", str(tmp_path / "tok.model"), "--num-layers", "2", "--hidden-size", "32",
                  "--num-attention-heads", "4", "--seq-length", "32", "--train-iters", "2", "--eval-interval", "0",
-                 "--eval-iters", "1", "--tempnet-enabled", "--tempnet-hidden-size", "16", "--save", str(tmp_path / "ckpt")])
+                 "--eval-iters", "1", "--tempnet-enabled", "--tempnet-hidden-size", "16", "--dro-target-entropy", "3",
+                 "--save", str(tmp_path / "ckpt")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     conv = _run(["tools/convert_to_hf.py", "--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
     assert conv.returncode == 0, conv.stderr[-3000:]

@@ -47,6 +47,21 @@ def test_four_ranks_train_and_loss_falls(arch, layout, tmp_path):
     assert curve[-1] < curve[0] - 0.1, curve
     assert "ppl (tau=1)" in proc.stdout
     check_tau_histograms(tmp_path / "tb", arch, dp_size=2 if "dp2" in layout else 1)
+    check_tau_diagnostics(tmp_path / "tb", step=30)
+
+
+def check_tau_diagnostics(tb_dir, step: int) -> None:
+    """The final evaluation's per-token tau diagnostics, gathered over the data-parallel ranks, are logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}).Reload()
+    for key in ("tau_std", "tau_p5", "tau_p50", "tau_p95", "frac_at_min", "frac_at_max", "tau_opt_mean",
+                "spearman_tau_opt", "spearman_tau_entropy", "logit_scale"):
+        values = events.Scalars(f"valid/{key}")
+        assert [v.step for v in values] == [step], key
+    p5, p50, p95 = (events.Scalars(f"valid/tau_p{q}")[0].value for q in (5, 50, 95))
+    assert p5 <= p50 <= p95
+    assert 0 <= events.Scalars("valid/frac_at_min")[0].value <= 1
 
 
 def check_tau_histograms(tb_dir, arch: str, dp_size: int) -> None:

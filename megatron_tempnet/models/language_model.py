@@ -11,6 +11,7 @@ Ablation switches: `--tempnet-kind global` learns one temperature for all tokens
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -22,13 +23,16 @@ from tempnet_kernels.dro_cce import vocab_parallel_logit_max
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import platform
-from ..config import Config, padded_vocab_size
+from ..config import Config, dro_rho, padded_vocab_size
 from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
 from . import gpt, linear, llama
+from . import tempnet_diagnostics as diag
 from .specs import layer_spec, set_init_seed
 from .tempnet import GlobalTemperature, TempNet
 
 ARCHS = {"gpt": gpt, "llama": llama}
+# Tokens of each evaluation micro-batch whose tau* is computed (40 entropy passes over the vocabulary each).
+DIAGNOSED_TOKENS = 512
 
 
 @dataclass
@@ -37,12 +41,15 @@ class LMOutput:
 
     loss: [b, s] per-token training objective (fp32); tau: [b, s] temperatures, or None without TempNet;
     ce_tau: [b, s] cross-entropy of z / tau (detached); ce_at_tau1: [b, s] plain cross-entropy, computed in
-    evaluation when there is a temperature (else None)."""
+    evaluation when there is a temperature (else None); diagnostics: see below."""
 
     loss: torch.Tensor
     tau: Optional[torch.Tensor]
     ce_tau: torch.Tensor
     ce_at_tau1: Optional[torch.Tensor] = None
+    # evaluation with a temperature: per-token [b, s] "tau_opt" (the DRO optimum), "entropy" (of softmax z, nats)
+    # and "logit_scale" (std of z over the vocabulary), nan at positions not diagnosed (tau_diagnostics)
+    diagnostics: Optional[dict] = None
 
 
 class TempNetGPTModel(GPTModel):
@@ -66,7 +73,7 @@ class TempNetGPTModel(GPTModel):
             **ARCHS[m.arch].model_kwargs(m),
         )
         self.true_vocab_size = m.vocab_size
-        self.rho = cfg.loss.dro_rho if cfg.loss.dro_rho is not None else default_rho(m.vocab_size)
+        self.rho = dro_rho(cfg.loss, m.vocab_size)
         self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, padded_vocab_size(m),
                                            cfg.parallel.tensor_model_parallel_size, platform.use_cuda())
         self.objective = cfg.loss.objective
@@ -126,11 +133,49 @@ class TempNetGPTModel(GPTModel):
         else:  # DRO: tau * CE(z / tau) + tau * (rho - log V)
             loss = loss_fn(targets, tau, rho=self.rho)
             ce_tau = loss.detach() / tau.detach() - (self.rho - log_v)
-        ce = None
+        ce = diagnostics = None
         if tau is not None and not self.training:  # evaluation reports perplexity at tau = 1 too
             ce = loss_fn(targets, None, rho=log_v)
+            diagnostics = self.tau_diagnostics(hidden_states, None if self.loss_impl == "fused" else logits)
         t = lambda x: x.transpose(0, 1) if x is not None else None  # noqa: E731  [s, b] -> [b, s]
-        return LMOutput(loss=t(loss), tau=t(tau), ce_tau=t(ce_tau), ce_at_tau1=t(ce))
+        return LMOutput(loss=t(loss), tau=t(tau), ce_tau=t(ce_tau), ce_at_tau1=t(ce),
+                        diagnostics={k: t(v) for k, v in diagnostics.items()} if diagnostics else None)
+
+    @torch.no_grad()
+    def tau_diagnostics(self, hidden_states: torch.Tensor, logits: Optional[torch.Tensor] = None) -> dict:
+        """Per-token tau*, entropy of softmax(z) and logit scale (models/tempnet_diagnostics.py) for at most
+        DIAGNOSED_TOKENS evenly spaced tokens of the micro-batch; [s, b] each, nan elsewhere.
+
+        hidden_states: [s, b, D] ([s/TP, b, D] under sequence parallelism); logits: [s, b, V/TP] when the loss
+        materialised them, else they are formed here for the diagnosed tokens only."""
+        tn, group = self.tempnet, parallel_state.get_tensor_model_parallel_group()
+        if logits is None:
+            full = (tensor_parallel.gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+                    if self.config.sequence_parallel else hidden_states)
+            s, b = full.shape[:2]
+        else:
+            s, b = logits.shape[:2]
+        n = s * b
+        picked = torch.arange(0, n, max(1, -(-n // DIAGNOSED_TOKENS)), device=hidden_states.device)
+        if logits is None:
+            weight = self._output_weight()
+            weight = self.output_layer.weight if weight is None else weight
+            z = torch.nn.functional.linear(full.reshape(n, -1)[picked], weight)
+        else:
+            z = logits.reshape(n, -1)[picked]
+        start = parallel_state.get_tensor_model_parallel_rank() * z.size(-1)
+        v = self.true_vocab_size
+        values = {"entropy": diag.tempered_entropy(z, torch.ones(z.size(0), device=z.device), v, start, group),
+                  "logit_scale": diag.logit_scale(z, v, start, group)}
+        target = math.log(v) - self.rho
+        if self.objective == "dro" and target > 0:
+            values["tau_opt"] = diag.optimal_tau(z, target, tn.tau_min, tn.tau_max, v, start, group)
+        out = {}
+        for key, value in values.items():
+            full_values = torch.full((n,), float("nan"), device=z.device)
+            full_values[picked] = value.float()
+            out[key] = full_values.view(s, b)
+        return out
 
 
 def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtype: torch.dtype,

@@ -4,9 +4,20 @@ Qiu et al. 2024, "To Cool or not to Cool? Temperature Network Meets Large Founda
 With z the token's logits over the true vocabulary (detached: no gradient reaches the LM through here):
 
     x   = z / ||z||                        ("normalized";  "max_shifted" uses z - max(z) instead of z)
-    h   = W2 . dropout(sigmoid(W1 x + b1)) + b2          W1: V -> d,  W2: d -> d
+    h   = W2 . dropout(sigmoid(W1 x + b1 [+ u log RMS(z)])) + b2     W1: V -> d,  W2: d -> d
     w   = softmax(h / exp(s))                            s: learnable scalar, starts at 0
-    tau = tau_min + (tau_max - tau_min) * sigmoid(a . ((w - 1/d) * h) + c)     a starts at 1, c at 0
+    tau = tau_min + (tau_max - tau_min) * sigmoid(a . ((w - 1/d) * h) + c)
+
+Initialisation. The reference's (`tau_init None`): a = 1, c = 0. Then the pooled term a . ((w - 1/d) * h) is
+never negative and varies by ~1e-5 between tokens, so every token starts on one shared floor above
+tau_min + (tau_max - tau_min) sigmoid(0), which can lie far above the per-token optima. With `tau_init` (the
+default): a = 0 and c = logit((tau_init - tau_min) / (tau_max - tau_min)), so every token starts exactly at
+tau_init, and the first steps move a, which then lets the gradient into h and the first layer.
+
+Scale. x = z / ||z|| is blind to the logits' scale: TempNet(k z) = TempNet(z), while the DRO loss's per-token
+optimum scales with it, tau*(k z) = k tau*(z) (models/tempnet_diagnostics.py). `scale_input` adds the term
+u log RMS(z), RMS(z) = ||z|| / sqrt(V), to the first layer (u: d weights, starting at 0). It needs nothing but
+||z||^2, which the logits-free input computes anyway.
 
 Vocabulary parallelism: W1's columns are split like the output layer's rows, so each tensor-parallel rank
 holds W1[:, its vocabulary shard]. The rank computes W1_shard z_shard and ||z_shard||^2; one all-reduce
@@ -44,6 +55,12 @@ def _uniform(gen: torch.Generator, shape, bound: float) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
+def tau_logit(tau: float, tau_min: float, tau_max: float) -> float:
+    """The pre-sigmoid score at which tau_min + (tau_max - tau_min) sigmoid(score) equals tau."""
+    q = (tau - tau_min) / (tau_max - tau_min)
+    return math.log(q / (1 - q))
+
+
 def _vocab_shard(padded_vocab_size: int) -> tuple[int, int]:
     """(start, size) of this rank's contiguous vocabulary shard."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -71,14 +88,20 @@ class TempNet(torch.nn.Module):
         self.w1 = torch.nn.Parameter(w1_full[:, start : start + size].clone())
         tensor_parallel.set_tensor_model_parallel_attributes(self.w1, is_parallel=True, dim=1, stride=1)
         self.b1 = torch.nn.Parameter(_uniform(gen, (d,), 1 / math.sqrt(vocab_size)))
+        # u: the weight of log RMS(z) in the first layer (scale_input only)
+        self.scale_weight = torch.nn.Parameter(torch.zeros(d)) if cfg.scale_input else None
         self.proj = torch.nn.Linear(d, d)
         self.log_scale = torch.nn.Parameter(torch.zeros(()))  # s
         self.last = torch.nn.Linear(d, 1)
         with torch.no_grad():
             self.proj.weight.copy_(_uniform(gen, (d, d), 1 / math.sqrt(d)))
             self.proj.bias.copy_(_uniform(gen, (d,), 1 / math.sqrt(d)))
-            self.last.weight.fill_(1.0)
-            self.last.bias.fill_(0.0)
+            if cfg.tau_init is None:  # the reference's
+                self.last.weight.fill_(1.0)
+                self.last.bias.fill_(0.0)
+            else:  # every token at tau_init
+                self.last.weight.fill_(0.0)
+                self.last.bias.fill_(tau_logit(cfg.tau_init, cfg.tau_min, cfg.tau_max))
         self.dropout = torch.nn.Dropout(cfg.dropout)
         for p in self.parameters():
             p.is_tempnet_parameter = True
@@ -128,7 +151,10 @@ class TempNet(torch.nn.Module):
 
     def head(self, w1z: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
         """w1z: [..., d] = W1 z; sq_norm: [...] = ||z||^2. Returns tau: [...]."""
-        x = w1z / sq_norm.clamp_min(1e-24).sqrt().unsqueeze(-1) + self.b1  # W1 (z/||z||) + b1
+        sq_norm = sq_norm.clamp_min(1e-24)
+        x = w1z / sq_norm.sqrt().unsqueeze(-1) + self.b1  # W1 (z/||z||) + b1
+        if self.scale_weight is not None:  # + u log RMS(z)
+            x = x + 0.5 * (sq_norm / self.vocab_size).log().unsqueeze(-1) * self.scale_weight
         h = self.proj(self.dropout(torch.sigmoid(x)))
         w = F.softmax(h / self.log_scale.exp(), dim=-1)
         score = self.last((w - 1.0 / self.hidden_size) * h).squeeze(-1)
@@ -168,15 +194,16 @@ def vocab_parallel_max(z_shard: torch.Tensor) -> torch.Tensor:
 
 class GlobalTemperature(torch.nn.Module):
     """One learned temperature for every token (the ablation without TempNet):
-    tau = tau_min + (tau_max - tau_min) * sigmoid(theta), theta starting at 0 (mid-range, like TempNet at
-    its initialisation). Same interface as TempNet."""
+    tau = tau_min + (tau_max - tau_min) * sigmoid(theta), theta starting where TempNet's tau does (tau_init, or
+    mid-range without it). Same interface as TempNet."""
 
     input_variant = "normalized"  # needs no logit max
 
     def __init__(self, cfg: TempNetConfig):
         super().__init__()
         self.tau_min, self.tau_max = cfg.tau_min, cfg.tau_max
-        self.theta = torch.nn.Parameter(torch.zeros(()))
+        theta = 0.0 if cfg.tau_init is None else tau_logit(cfg.tau_init, cfg.tau_min, cfg.tau_max)
+        self.theta = torch.nn.Parameter(torch.tensor(theta))
         self.theta.is_tempnet_parameter = True
 
     def _tau(self, shape, device) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """megatron-core optimizer (Adam; distributed optimizer as an option) and warmup + decay schedule.
 
 TempNet's parameters form their own parameter groups with their own learning rate (--tempnet-lr,
---tempnet-min-lr); the schedule's shape (warmup, decay) is shared.
+--tempnet-min-lr). The warm-up is shared; after it TempNet's rate stays constant (--tempnet-lr-schedule constant,
+the default) or decays with the LM's (lm).
 
 Without apex or Transformer Engine megatron-core steps torch's Adam, which on a CPU defaults to a Python
 loop over the tensors (eight ops each); its fused CPU kernel updates every tensor of a group in one call.
@@ -39,7 +40,9 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):
     )
     overrides = get_standard_config_overrides(opt_cfg)  # no weight decay on biases and norms
     if cfg.tempnet.enabled:
-        overrides[ParamKey(attr="is_tempnet_parameter")] = {"max_lr": cfg.tempnet.lr, "min_lr": cfg.tempnet.min_lr}
+        tn = cfg.tempnet  # "constant": the shared warm-up, then no decay (min_lr = max_lr)
+        min_lr = tn.lr if tn.lr_schedule == "constant" else tn.min_lr
+        overrides[ParamKey(attr="is_tempnet_parameter")] = {"max_lr": tn.lr, "min_lr": min_lr}
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides)
     _fuse_cpu_adam(optimizer)
     return optimizer

@@ -45,7 +45,7 @@ def parameter_count(cfg: Config) -> int:
     tempnet = 0
     if cfg.tempnet.enabled:
         d = cfg.tempnet.hidden_size
-        tempnet = d * padded_vocab_size(m) + d * d + 3 * d + 2
+        tempnet = d * padded_vocab_size(m) + d * d + 3 * d + 2 + (d if cfg.tempnet.scale_input else 0)
     return L * per_layer + outside + tempnet
 
 

@@ -20,12 +20,15 @@ from .. import platform
 from ..config import Config
 from ..models.language_model import LMOutput
 from ..models.tempnet import TempNet, shared_across_micro_batches
+from ..models.tempnet_diagnostics import summarize as summarize_tau
 from . import attention_transfer
 from .batches import Batch
 from .model_setup import unwrap
 
 # Layout of the per-micro-batch statistics vector (summed over micro-batches and DP ranks).
 STATS = ("loss_sum", "tokens", "ce_tau_sum", "tau_sum", "tau_sq_sum", "ce1_sum")
+# Per-token diagnostics an evaluation collects besides tau (LMOutput.diagnostics).
+DIAGNOSED = ("tau_opt", "entropy", "logit_scale")
 
 
 def loss_func(loss_mask: torch.Tensor, output: LMOutput):
@@ -44,6 +47,10 @@ def loss_func(loss_mask: torch.Tensor, output: LMOutput):
         report = {"stats": stats}
         if output.tau is not None:  # the masked values are picked once per step (_reduce_reports): one host sync
             report.update(tau=tau, mask=mask)
+        if output.diagnostics:  # evaluation: the diagnosed tokens' values, one row per DIAGNOSED key
+            picked = mask.bool() & output.diagnostics["entropy"].isfinite()
+            rows = [tau] + [output.diagnostics.get(k, torch.full_like(tau, float("nan"))) for k in DIAGNOSED]
+            report["diagnostics"] = torch.stack([r[picked] for r in rows]).cpu()
         return loss_sum, tokens.to(torch.int), report
 
 
@@ -93,6 +100,22 @@ def metrics_from_stats(stats: torch.Tensor) -> dict:
         "tau_std": math.sqrt(max(s["tau_sq_sum"] / n - tau_mean**2, 0.0)),
         "tokens": s["tokens"],
     }
+
+
+def _tau_diagnostics(cfg: Config, diagnosed: List[torch.Tensor]) -> dict:
+    """tempnet_diagnostics.summarize over the diagnosed tokens of every data-parallel rank of the last stage.
+    diagnosed: [1 + len(DIAGNOSED), n_i] per micro-batch (tau first)."""
+    values = torch.cat(diagnosed, dim=1)
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, values, group=group)
+        values = torch.cat(parts, dim=1)
+    if values.size(1) < 2:
+        return {}
+    tau, tau_opt, entropy, scale = values
+    tn = cfg.tempnet
+    return summarize_tau(tau, tau_opt if tau_opt.isfinite().all() else None, entropy, scale, tn.tau_min, tn.tau_max)
 
 
 def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, forward_only: bool) -> list:
@@ -145,16 +168,22 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
 @torch.no_grad()
 def evaluate(cfg: Config, model: List[torch.nn.Module], data_iterators, num_batches: int) -> dict:
     """Token means over `num_batches` global batches: loss, ce / ppl at tau = 1, ce_tau / ppl_tau with
-    TempNet's temperatures, and tau statistics."""
+    TempNet's temperatures, and tau statistics; with a temperature also its per-token diagnostics
+    (tempnet_diagnostics.summarize: percentiles, bound fractions, Spearman(tau, tau*), ...)."""
     for chunk in model:
         chunk.eval()
+    stats, diagnosed = 0, []
     try:
-        stats = sum(_reduce_reports(_run_schedule(cfg, model, data_iterators, forward_only=True))[0]
-                    for _ in range(num_batches))
+        for _ in range(num_batches):
+            reports = _run_schedule(cfg, model, data_iterators, forward_only=True)
+            stats = stats + _reduce_reports(reports)[0]
+            diagnosed += [r["diagnostics"] for r in reports if "diagnostics" in r]
     finally:
         for chunk in model:
             chunk.train()
     out = metrics_from_stats(stats)
+    if diagnosed:  # the last stage; the logging rank is one of its ranks
+        out.update(_tau_diagnostics(cfg, diagnosed))
     out.update(attention_transfer.collect_metrics(model, out["tokens"]))
     out["ppl"] = math.exp(min(out["ce"], 50.0))
     out["ppl_tau"] = math.exp(min(out["ce_tau"], 50.0))

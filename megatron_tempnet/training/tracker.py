@@ -1,7 +1,8 @@
 """Console and TensorBoard logging of a run, from the last rank (the one that holds the loss).
 
 Logged per interval: loss (the DRO objective), ce (cross-entropy with TempNet's tau), perplexity, learning
-rate, grad norm, tau mean/std and histogram, tokens/s, and on a GPU an MFU estimate.
+rate, grad norm, tau mean/std and histogram, tokens/s, and on a GPU an MFU estimate. Per evaluation with a
+temperature also its per-token diagnostics (TAU_DIAGNOSTICS), and a warning, once, when TempNet is inert.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ffn_hidden_size, padded_vocab_size
+from ..models.tempnet_diagnostics import INERT_TAU_STD
 
 # Dense bf16 peak per device, FLOP/s (FP8 doubles it on Hopper).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
@@ -39,6 +41,21 @@ def peak_flops(fp8: bool) -> Optional[float]:
     return None
 
 
+# Per-token diagnostics of an evaluation with a temperature (models/tempnet_diagnostics.summarize).
+TAU_DIAGNOSTICS = ("tau_p5", "tau_p50", "tau_p95", "frac_at_min", "frac_at_max", "tau_opt_mean", "tau_opt_std",
+                   "spearman_tau_opt", "spearman_tau_entropy", "logit_scale")
+
+
+def tau_diagnostics_line(m: dict) -> str:
+    """One console line of an evaluation's tau diagnostics."""
+    line = (f"tau per token: std {m['tau_std']:.4f} | p5/p50/p95 {m['tau_p5']:.3f}/{m['tau_p50']:.3f}/{m['tau_p95']:.3f}"
+            f" | at tau_min/tau_max {100 * m['frac_at_min']:.1f}%/{100 * m['frac_at_max']:.1f}%")
+    if "tau_opt_mean" in m:
+        line += (f" | tau* {m['tau_opt_mean']:.3f}±{m['tau_opt_std']:.3f}"
+                 f" | Spearman(tau, tau*) {m['spearman_tau_opt']:.3f}")
+    return line + (f" | Spearman(tau, H) {m['spearman_tau_entropy']:.3f} | logit scale {m['logit_scale']:.3f}")
+
+
 class RunLogger:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -50,6 +67,7 @@ class RunLogger:
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
         self._t0 = time.perf_counter()
         self._tokens = 0.0
+        self._warned_inert = False
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     def train_step(self, iteration: int, metrics: dict) -> None:
@@ -87,10 +105,31 @@ class RunLogger:
         print(f"[{split}] iter {iteration} | loss {metrics['loss']:.4f} | ppl (tau=1) {metrics['ppl']:.2f}"
               f" | ppl (TempNet tau) {metrics['ppl_tau']:.2f} | tau {metrics['tau_mean']:.3f}±{metrics['tau_std']:.3f}",
               flush=True)
+        if "tau_p50" in metrics:
+            print(f"[{split}] iter {iteration} | {tau_diagnostics_line(metrics)}", flush=True)
+            self._warn_if_inert(iteration, metrics)
         if self.writer is not None:
-            for key in ("loss", "ppl", "ppl_tau", "tau_mean", "tau_std"):
-                self.writer.add_scalar(f"{split}/{key}", metrics[key], iteration)
+            for key in ("loss", "ppl", "ppl_tau", "tau_mean", "tau_std") + TAU_DIAGNOSTICS:
+                if key in metrics:
+                    self.writer.add_scalar(f"{split}/{key}", metrics[key], iteration)
             self.writer.flush()
+
+    def _warn_if_inert(self, iteration: int, metrics: dict) -> None:
+        """Once per run: TempNet past warm-up still gives every token the same temperature."""
+        cfg = self.cfg
+        if (self._warned_inert or cfg.tempnet.kind != "network" or iteration <= cfg.train.lr_warmup_iters
+                or metrics["tau_std"] >= INERT_TAU_STD):
+            return
+        self._warned_inert = True
+        tn = cfg.tempnet
+        opt = (f"; the per-token optimum tau* is {metrics['tau_opt_mean']:.3g} on average against tau "
+               f"{metrics['tau_p50']:.3g}" if "tau_opt_mean" in metrics else "")
+        print(f"warning: TempNet's per-token tau std is {metrics['tau_std']:.2g} < {INERT_TAU_STD:g} at iteration "
+              f"{iteration}: every token gets about the same temperature. Likely causes: a target entropy "
+              f"(--dro-target-entropy) the tempered predictions cannot reach within [--tempnet-tau-min "
+              f"{tn.tau_min:g}, --tempnet-tau-max {tn.tau_max:g}]{opt}; a start far from it (--tempnet-tau-init); "
+              f"too small a learning-rate budget (--tempnet-lr {tn.lr:g} x {iteration} steps; of order 1 is needed); "
+              f"tokens that differ mainly in logit scale (--tempnet-scale-input)", flush=True)
 
     def message(self, text: str) -> None:
         if self.is_logger:
