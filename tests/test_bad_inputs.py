@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-interval", "0",
         "--eval-iters", "1", "--train-iters", "2", "--log-interval", "1"]
+TEMPNET = ["--tempnet-enabled", "--tempnet-hidden-size", "16", "--dro-rho", "3.5"]  # target entropy log 250 - 3.5
 
 
 def run_trainer(args: list, nproc: int = 1, timeout: float = 240, env_extra: dict | None = None):
@@ -274,7 +275,7 @@ def test_dry_run_finds_what_the_trainer_would_refuse(data, prefix, split, words)
 def saved(tmp_path_factory):
     """A save folder with two checkpoints (iterations 2 and 4) of a tiny run with TempNet."""
     save = tmp_path_factory.mktemp("ckpt") / "run"
-    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "4",
+    rc, out, err = run_trainer([*TINY, *TEMPNET, "--train-iters", "4",
                                 "--save-interval", "2", "--keep-last", "0", "--save", str(save)])
     assert rc == 0, err[-3000:]
     return save
@@ -345,7 +346,7 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_the_last_good_one(saved, 
     distcp = sorted((run / "iter_0000004").glob("*.distcp"))[0]
     _flip_64_bytes(distcp) if damage == "flip" else distcp.unlink()
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "6",
+    rc, out, err = run_trainer([*TINY, *TEMPNET, "--train-iters", "6",
                                 "--save", str(run), "--load", str(run)])
     line = assert_one_line_error(rc, out, err, f"checkpoint {run / 'iter_0000004'} is damaged: {distcp.name}",
                                  f"resume with --load {run / 'iter_0000002'}")
@@ -359,7 +360,7 @@ def test_a_checkpoint_without_checksums_loads_and_says_it_is_unverified(saved, t
 
     run = _copy(saved, tmp_path)
     (run / "iter_0000004" / CHECKSUM_FILE).unlink()
-    rc, out, err = run_trainer([*TINY, "--tempnet-enabled", "--tempnet-hidden-size", "16", "--train-iters", "5",
+    rc, out, err = run_trainer([*TINY, *TEMPNET, "--train-iters", "5",
                                 "--load", str(run / "iter_0000004")])
     assert rc == 0, err[-3000:]
     assert "has no recorded checksums" in err and "loads unverified" in err
