@@ -85,7 +85,7 @@ def _refuse(argv, expected):
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 exceeds --lr 0.1, but the learning rate decays from --lr to "
                                        "--min-lr; pass a --min-lr of at most 0.1"),
-    (["--tempnet-lr", "1e-6"], "--tempnet-min-lr 1e-05 exceeds --tempnet-lr 1e-06"),
+    (["--tempnet-lr", "1e-6", "--tempnet-lr-schedule", "lm"], "--tempnet-min-lr 0.0003 exceeds --tempnet-lr 1e-06"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
 ])
 def test_meaningless_numbers_are_refused_at_validation(argv, expected):
