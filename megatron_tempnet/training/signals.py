@@ -6,7 +6,8 @@
 - SIGINT (Ctrl-C): the same, but exit with status 130 (interrupted, no requeue). A second Ctrl-C, more than
   INTERRUPT_REPEAT_S after the first, stops at once without saving (KeyboardInterrupt). torchrun starts each
   worker in a session of its own and forwards one SIGINT to it, then kills it after its --shutdown-timeout
-  (30 s by default): a save that takes longer needs a larger --shutdown-timeout;
+  (30 s by default): a save that takes longer needs a larger --shutdown-timeout. A second Ctrl-C to torchrun
+  makes torchrun stop waiting and kill its workers at once (torchrun's rule);
 - --exit-duration-in-mins: the same as SIGTERM, once the run has been going that long (a job's time limit);
 - --exit-interval: save and exit normally at a multiple of that iteration.
 
