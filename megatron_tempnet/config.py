@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .config_fields import CHOICES, HELP, RANGES, describe_range, format_choices, out_of_range
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the problem and the fix."""
@@ -140,6 +142,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last: int = 2
     pretrained_checkpoint: Optional[str] = None  # model weights only (finetune / frozen_lm)
+    verify_checkpoint: bool = True  # hash every file of a checkpoint before loading it (sizes are always checked)
 
 
 @dataclass
@@ -197,24 +200,52 @@ def _section_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron_tempnet.train",
-        description="Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config.",
+class _ConfigErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors, reported like every other bad input: one line, not the usage text
+    (which runs to a hundred lines here)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _flag_help(section: str, name: str, default: Any) -> str:
+    key = f"{section}.{name}"
+    text = HELP.get(key, "")
+    if key in CHOICES:
+        text += f" (choices: {format_choices(CHOICES[key])})"
+    if key in RANGES:
+        text += f" (must be {describe_range(RANGES[key])})"
+    shown = "unset" if default is None or default == [] else default
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: str = "megatron_tempnet.train",
+                 description: str = "Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config."
+                 ) -> argparse.ArgumentParser:
+    """The trainer's flags (every field of Config), after those of `parents` (a tool's own flags)."""
+    parser = _ConfigErrorParser(
+        prog=prog, parents=list(parents), usage="%(prog)s [--config FILE] [--dry-run] [FLAG VALUE ...]",
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML file with sections: " + ", ".join(_SECTIONS))
-    parser.add_argument("--dry-run", action="store_true", help="check the job's inputs (config, data, tokenizer, checkpoint, disk) and exit")
+    parser.add_argument("--config", help="YAML file with sections: " + ", ".join(_SECTIONS) + " (default: none)")
+    parser.add_argument("--dry-run", action="store_true", help="check the job's inputs (config, data, tokenizer, "
+                        "checkpoint, disk) and exit (default: off)")
+    defaults = Config()
     for section in _SECTIONS:
         group = parser.add_argument_group(section)
         for name, tp in _section_types(section).items():
             base = _base_type(tp)
             dest = f"{section}.{name}"
+            default = getattr(getattr(defaults, section), name)
+            kw = dict(dest=dest, default=None, help=_flag_help(section, name, default))
             if base is bool:
-                group.add_argument(_flag(section, name), dest=dest, action=argparse.BooleanOptionalAction, default=None)
+                group.add_argument(_flag(section, name), action=argparse.BooleanOptionalAction, **kw)
             elif base is list or typing.get_origin(base) is list:
-                group.add_argument(_flag(section, name), dest=dest, nargs="+", default=None)
+                group.add_argument(_flag(section, name), nargs="+", metavar=name.upper(), **kw)
             else:
-                group.add_argument(_flag(section, name), dest=dest, type=base, default=None)
+                # Choices are checked by validate(), for flags and YAML keys alike (one message for both).
+                metavar = "{" + ",".join(CHOICES[dest]) + "}" if dest in CHOICES else name.upper()
+                group.add_argument(_flag(section, name), type=base, metavar=metavar, **kw)
     return parser
 
 
@@ -259,9 +290,11 @@ def _apply_yaml(cfg: Config, path: str) -> None:
             setattr(getattr(cfg, section), name, _coerce(section, name, value))
 
 
-def load_config(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
-    """Parse flags (and the YAML file they name) into a Config. Returns (config, parsed namespace)."""
-    args = _build_parser().parse_args(argv)
+def load_config(argv: Optional[list[str]] = None, *, parser: Optional[argparse.ArgumentParser] = None
+                ) -> tuple[Config, argparse.Namespace]:
+    """Parse flags (and the YAML file they name) into a Config. Returns (config, parsed namespace).
+    `parser`: one made by `build_parser` with a tool's own flags added (tools/check_job.py)."""
+    args = (parser or build_parser()).parse_args(argv)
     cfg = Config()
     if args.config:
         _apply_yaml(cfg, args.config)
@@ -323,9 +356,17 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
 
-def _choice(value: Any, choices: tuple, what: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
+def _check_field_values(cfg: Config) -> None:
+    """Each field on its own: a string among its choices, a number finite and in its range
+    (config_fields.CHOICES / RANGES). Runs first, so the combination checks below see sane numbers."""
+    for section in _SECTIONS:
+        for name, value in vars(getattr(cfg, section)).items():
+            key, flag = f"{section}.{name}", _flag(section, name)
+            if key in CHOICES and value is not None and value not in CHOICES[key]:
+                raise ConfigError(f"{flag} must be one of {format_choices(CHOICES[key])}; got {value!r}")
+            problem = out_of_range(value, RANGES.get(key))
+            if problem:
+                raise ConfigError(f"{flag} must be {problem}; got {value!r} (see --help for what it means)")
 
 
 def _validate_fp8(cfg: Config, *, cuda_available: bool, te_available: bool) -> None:
@@ -333,10 +374,7 @@ def _validate_fp8(cfg: Config, *, cuda_available: bool, te_available: bool) -> N
     installed TE runs on this GPU (fp8_support.py), and matrix dimensions that FP8 products accept."""
     from . import fp8_support
 
-    m, t, f = cfg.model, cfg.train, cfg.fp8
-    _choice(f.fp8_format, ("e4m3", "hybrid"), "--fp8-format")
-    _choice(f.fp8_recipe, fp8_support.RECIPES, "--fp8-recipe")
-    _choice(f.fp8_amax_compute_algo, ("max", "most_recent"), "--fp8-amax-compute-algo")
+    m, t, f = cfg.model, cfg.train, cfg.fp8  # (their choices are checked with every field's, config_fields.CHOICES)
     if not cuda_available:
         raise ConfigError(
             "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
@@ -372,19 +410,13 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     """
     m, p, t, tn = cfg.model, cfg.parallel, cfg.train, cfg.tempnet
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    _choice(m.arch, ("gpt", "llama"), "--arch")
-    _choice(m.transformer_impl, ("auto", "local", "transformer_engine"), "--transformer-impl")
-    _choice(p.distributed_backend, ("auto", "nccl", "gloo"), "--distributed-backend")
-    _choice(t.mode, ("scratch", "finetune", "frozen_lm"), "--mode")
-    _choice(t.precision, ("auto", "fp32", "bf16", "fp16"), "--precision")
-    _choice(t.lr_decay_style, ("cosine", "linear", "constant"), "--lr-decay-style")
-    _choice(tn.input_variant, ("normalized", "max_shifted"), "--tempnet-input-variant")
-    _choice(cfg.loss.loss_impl, ("auto", "reference", "fused"), "--loss-impl")
-    _choice(cfg.loss.objective, ("dro", "tau_ce"), "--objective")
-    _choice(tn.kind, ("network", "global"), "--tempnet-kind")
+    _check_field_values(cfg)
+    decaying = [(t.min_lr, t.lr, "--")] + ([(tn.min_lr, tn.lr, "--tempnet-")] if tn.lr_schedule == "lm" else [])
+    for low, high, prefix in decaying:
+        if low > high:  # megatron-core's scheduler asserts it for the LM (and TempNet's lr would rise)
+            raise ConfigError(f"{prefix}min-lr {low} exceeds {prefix}lr {high}, but the learning rate decays from "
+                              f"{prefix}lr to {prefix}min-lr; pass a {prefix}min-lr of at most {high}")
 
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if world_size % (tp * pp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
@@ -422,7 +454,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
             f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP {tp}; "
             f"set --make-vocab-size-divisible-by to a multiple of {tp}"
         )
-    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp) != 0:
+    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size {t.micro_batch_size} "
             f"x data-parallel size {dp}; use a global batch that is a multiple of {t.micro_batch_size * dp}"
@@ -456,9 +488,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
             raise ConfigError(
                 f"--tempnet-tau-init {tn.tau_init} must lie strictly between --tempnet-tau-min {tn.tau_min} and "
                 f"--tempnet-tau-max {tn.tau_max}")
-        if tn.hidden_size < 1:
-            raise ConfigError("--tempnet-hidden-size must be positive")
-        _choice(tn.lr_schedule, ("constant", "lm"), "--tempnet-lr-schedule")
     _validate_dro_target(cfg)
     if t.mode == "frozen_lm" and not tn.enabled:
         raise ConfigError("--mode frozen_lm trains TempNet only; enable it with --tempnet-enabled")
@@ -472,11 +501,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         raise ConfigError("no training data: pass --data-path PREFIX [...] (see tools/preprocess_data.py) or --mock-data")
     if cfg.data.data_path and not cfg.data.tokenizer_model:
         raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
-    if t.train_iters < 1:
-        raise ConfigError("--train-iters must be >= 1")
 
     at = cfg.attention_transfer
-    _choice(at.mode, ("none", "copy", "distill"), "--attention-transfer-mode")
     if at.mode != "none":
         if not at.teacher_checkpoint:
             raise ConfigError(
@@ -484,8 +510,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
                 "(a checkpoint written with --save, with the same --num-layers and --num-attention-heads)")
         if t.mode == "frozen_lm":
             raise ConfigError("--attention-transfer-mode trains the LM; it cannot be combined with --mode frozen_lm")
-        if not math.isfinite(at.distill_weight) or at.distill_weight < 0:
-            raise ConfigError(f"--attention-transfer-distill-weight must be >= 0; got {at.distill_weight}")
         from .training.attention_transfer import check_teacher  # reads the teacher checkpoint's description
 
         check_teacher(cfg)  # exists, same layers / heads / vocabulary, fits this TP/PP

@@ -182,6 +182,9 @@ def adapt_megatron_core_for_cpu() -> None:
     torch.cuda.default_stream = lambda *a, **k: _CpuStream()
     torch.cuda.Stream = _CpuStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    # megatron-core's tensor-parallel linears warn on every rank unless CUDA_DEVICE_MAX_CONNECTIONS=1 (advice on
+    # CUDA stream ordering for overlapping all-reduces); the variable means nothing without CUDA.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _CPU_MODE = CpuDeviceMode()
     _CPU_MODE.__enter__()  # for the life of the process
     from megatron.core.pipeline_parallel import schedules

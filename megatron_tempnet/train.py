@@ -4,12 +4,16 @@ Also installed as the console script `tempnet-train`. `--dry-run` checks the con
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from typing import Optional
 
 from . import platform
 from .config import ConfigError, load_config, validate
+
+_QUIET_RANK_GRACE_S = 3.0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -19,20 +23,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
-    from .data.indexed import DatasetError
-    from .data.tokenizer import TokenizerError
-    from .training.loop import RunState, TrainingError, resolve_vocab_size, train
-    from .training.signals import StopConditions, clear_requeue_marker, leave_requeue_marker
+    from .training.loop import RunState, resolve_vocab_size, train
+    from .training.preflight import check_save_folder
+    from .training.signals import REQUEUE_EXIT_CODE, StopConditions, clear_requeue_marker, leave_requeue_marker
 
-    cfg, args = load_config(argv)
     env = platform.discover_env()
+    user_errors = _user_error_types()
     try:
+        cfg, args = load_config(argv)
         resolve_vocab_size(cfg)
         validate(cfg, env.world_size, cuda_available=platform.use_cuda(),
                  te_available=platform.transformer_engine_available())
-    except (ConfigError, DatasetError, TokenizerError) as err:
-        if env.rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+        if not args.dry_run:
+            check_save_folder(cfg, copies=1)  # before any step: a run that cannot save must not train
+    except user_errors as err:
+        _report(env.rank, err)
         return 2
     if args.dry_run:  # the checks of tools/check_job.py, at the launcher's world size
         from .training.preflight import format_results, run_checks
@@ -46,11 +51,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     state = RunState()
     try:
         train(cfg, state)
-        if StopConditions.exit_code(state.stop_reason) and cfg.checkpoint.save:  # see examples/slurm
+        # for launchers that hide the exit status (torchrun): see examples/slurm; Ctrl-C (130) asks for no requeue
+        if StopConditions.exit_code(state.stop_reason) == REQUEUE_EXIT_CODE and cfg.checkpoint.save:
             leave_requeue_marker(cfg.checkpoint.save, f"{state.stop_reason} at iteration {state.iteration}")
-    except TrainingError as err:
-        print(f"error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+    except user_errors as err:  # raised identically on every rank (data, split, tokenizer, checkpoint, ...)
+        _report(env.rank, err)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (training/signals.py): stop now, without saving
+        if env.rank == 0:
+            print(f"error: interrupted during {state.phase}; nothing was saved since the last checkpoint"
+                  f"{' in ' + cfg.checkpoint.save if cfg.checkpoint.save else ''}", file=sys.stderr, flush=True)
+        return 130
     except Exception as err:  # a collective that timed out or lost its peer: say where, then stop
         if not _is_collective_failure(err):
             raise
@@ -67,6 +78,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     if state.stop_reason and env.rank == 0:
         print(f"stopped early ({state.stop_reason}) at iteration {state.iteration}; exit status {code}", flush=True)
     return code
+
+
+def _user_error_types() -> tuple:
+    """Errors whose message names the problem and the fix: reported as one line, never as a traceback."""
+    from .data.indexed import DatasetError
+    from .data.tokenizer import TokenizerError
+    from .training.loop import TrainingError
+
+    return (ConfigError, DatasetError, TokenizerError, TrainingError)
+
+
+def _report(rank: int, err: BaseException) -> None:
+    """One line on rank 0 (every rank raises the same error; N copies of it say nothing more). Under torchrun
+    the line also goes into the worker's error file, so that torchrun's own failure summary (which it always
+    prints) names the problem as its root cause instead of "To enable traceback see ..."."""
+    if rank != 0:
+        # Let rank 0 speak first: a launcher that sees this rank end stops the others (torchrun sends SIGTERM),
+        # which could cut rank 0 off before its line is out.
+        time.sleep(_QUIET_RANK_GRACE_S)
+        return
+    line = "error: " + " ".join(str(err).split())
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,  # torchrun's format
+                                                                  "timestamp": str(int(time.time()))}}}, f)
 
 
 def _is_collective_failure(err: BaseException) -> bool:

@@ -108,8 +108,9 @@ def test_a_good_job_passes(job):
     d, tok, _ = job
     args = ["--arch", "llama", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
             "--num-query-groups", "2", "--seq-length", "16", "--data-path", str(d / "c.manifest.json"),
-            "--tokenizer-model", tok, "--save", str(d / "new_ckpt")]
-    assert _run(args, 4) == {}
+            "--tokenizer-model", tok, "--save", str(d / "new_ckpt"), "--split", "90,10,0"]
+    assert _run(args, 4) == {}  # (the default split's test share of these 40-document shards holds no document,
+    # which megatron-core's blend refuses: the trainer and so the check would too)
 
 
 def test_disk_check_names_sizes(job, monkeypatch):

@@ -18,9 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output", required=True, help="JSONL file to write")
     p.add_argument("--holdout-output", default=None, help="JSONL file for held-out documents")
     p.add_argument("--holdout-fraction", type=float, default=0.0, help="fraction of files held out (by path hash)")

@@ -23,10 +23,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", metavar="DIR",
                      help="our checkpoint to export: a --save folder (its latest) or one iter_N folder (this or --from-hf "

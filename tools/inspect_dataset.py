@@ -17,9 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--prefix", required=True, help="dataset prefix (without .bin/.idx) or a preprocess_data manifest")
     p.add_argument("--tokenizer-model", default=None, help="tokenizer to decode with (default: the recorded one)")
     p.add_argument("--doc", type=int, default=0, help="index of the document to decode (-1: none)")

@@ -19,13 +19,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--input", nargs="+", help="dataset prefixes (or preprocess_data manifests), merged in this order")
     g.add_argument("--input-dir", help="merge every dataset (*.idx) in this folder, in sorted order")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--output-prefix", required=True, help="the merged dataset: writes PREFIX.bin, PREFIX.idx, "
+                   "PREFIX.meta.json")
     args = p.parse_args(argv)
     from megatron_tempnet.data.indexed import DatasetError, merge_datasets
 

@@ -31,9 +31,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL / text files (optionally .gz) or folders of them")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--text-mode", choices=["file", "line"], default="file", help="plain text files: one document per file (default) or per line")

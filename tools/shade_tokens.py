@@ -32,10 +32,12 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_argument_group("input (one of)")
     src.add_argument("--input", help="JSON file with 'tokens' (strings) and 'temperatures' (numbers; null = prompt)")
     src.add_argument("--load", help="generate from our checkpoint (a save folder or an iter_N folder)")
@@ -45,22 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", help="tokenizer (default: the checkpoint's or the folder's)")
     g.add_argument("--task-mixture", action="store_true", help="--load is an LM of the built-in task mixture")
     g.add_argument("--head", help="an Adaptive Decoder head folder (tools/train_adaptive_decoder.py --save), "
-                                  "with --load; default: TempNet's temperatures")
-    g.add_argument("--latent", choices=("argmax", "sample"), default="argmax", help="how the head picks (default argmax)")
-    g.add_argument("--temperature", type=float, default=1.0, help="global factor after TempNet's tau (default 1)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
+                                  "with --load (unset: TempNet's temperatures)")
+    g.add_argument("--latent", choices=("argmax", "sample"), default="argmax", help="how the head picks")
+    g.add_argument("--temperature", type=float, default=1.0, help="global factor after TempNet's tau")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose probabilities "
+                   "sum to p (1: all)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     o = p.add_argument_group("output")
     o.add_argument("--html", help="write the HTML page here")
     o.add_argument("--png", help="write the PNG picture here (needs Pillow)")
     o.add_argument("--save-json", help="also write the tokens and temperatures as JSON (the --input format)")
-    o.add_argument("--vmin", type=float)
-    o.add_argument("--vmax", type=float)
+    o.add_argument("--vmin", type=float, help="temperature at the cold end of the colour scale (unset: the lowest "
+                   "shown)")
+    o.add_argument("--vmax", type=float, help="temperature at the hot end of the colour scale (unset: the highest "
+                   "shown)")
     o.add_argument("--width", type=int, default=800, help="PNG width in pixels")
-    o.add_argument("--font-size", type=int, default=16)
-    o.add_argument("--title", default="Temperature per token")
+    o.add_argument("--font-size", type=int, default=16, help="font size in pixels")
+    o.add_argument("--title", default="Temperature per token", help="title of the page and the picture")
     return p
 
 

@@ -21,29 +21,33 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tempnet.cli_help import HelpFormatter  # noqa: E402  (after the path)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl/.json, optionally .gz) or text files, or folders of them")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys whose text is used (default: text)")
     p.add_argument("--text-mode", choices=["file", "line"], default="file", help="plain text: one document per file or per line")
     p.add_argument("--model-prefix", required=True, help="output path without extension: writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=32000, help="pieces in the vocabulary, special ones included")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false", help="map unknown characters to <unk> instead of bytes")
-    p.add_argument("--unk-piece", default="<unk>")
-    p.add_argument("--bos-piece", default="<s>")
+    p.add_argument("--unk-piece", default="<unk>", help="unknown-token piece")
+    p.add_argument("--bos-piece", default="<s>", help="beginning-of-sentence piece")
     p.add_argument("--eos-piece", default="</s>", help="end-of-sentence piece, used as the end-of-document token")
-    p.add_argument("--pad-piece", default="<pad>")
+    p.add_argument("--pad-piece", default="<pad>", help="padding piece")
     p.add_argument("--special-tokens", nargs="*", default=[], help="extra control tokens (never produced from text)")
     p.add_argument("--user-defined-symbols", nargs="*", default=[], help="strings always kept as one piece when found in text")
     p.add_argument("--threads", type=int, default=0, help="training threads (default: all cores)")
     p.add_argument("--sample-size", type=int, default=1_000_000, help="at most this many text pieces are sampled for training")
     p.add_argument("--max-input-mb", type=float, default=None, help="stop reading the input after about this many MB of text")
     p.add_argument("--max-piece-bytes", type=int, default=8192, help="texts are cut at line ends into pieces of at most this size")
-    p.add_argument("--character-coverage", type=float, default=0.9999)
-    p.add_argument("--no-split-digits", dest="split_digits", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--character-coverage", type=float, default=0.9999, help="fraction of the characters seen that get "
+                   "a piece of their own (the rarest others fall back to bytes)")
+    p.add_argument("--no-split-digits", dest="split_digits", action="store_false", help="let pieces join digits (by "
+                   "default every digit is its own piece)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling of training text")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     return p.parse_args(argv)
 

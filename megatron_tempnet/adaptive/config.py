@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import yaml
 
+from ..cli_help import HelpFormatter, describe_default
 from .head import DEFAULT_TEMPERATURES, check_mode, check_temperatures
 from .lm import AdaptiveError
 
@@ -98,17 +99,21 @@ def _parser(doc: Optional[str] = None) -> argparse.ArgumentParser:
         description=(doc.split("\n\n")[0] if doc else "Train an Adaptive Decoder head on a frozen LM with LPO.")
         + " Flags override --config.",
         epilog=doc.split("\n\n", 1)[1] if doc and "\n\n" in doc else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of the keys below (underscores)")
+        formatter_class=HelpFormatter)
+    p.add_argument("--config", help="YAML file of the keys below (underscores) (default: none)")
+    defaults = AdaptiveConfig()
     for name, tp in _types().items():
         base = _base(tp)
         flag = "--" + name.replace("_", "-")
+        shown = argparse.Namespace(default=getattr(defaults, name), required=False, nargs=None)
+        text = HELP[name] if "default" in HELP[name] else f"{HELP[name]} ({describe_default(shown)})"  # the
+        # parser's own default is None ("not given", so that --config can set it): show the config's
         if base is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=HELP[name])
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(base) is list:
-            p.add_argument(flag, dest=name, nargs="+", type=float, default=None, help=HELP[name])
+            p.add_argument(flag, dest=name, nargs="+", type=float, default=None, help=text)
         else:
-            p.add_argument(flag, dest=name, type=base, default=None, help=HELP[name])
+            p.add_argument(flag, dest=name, type=base, default=None, help=text)
     return p
 
 

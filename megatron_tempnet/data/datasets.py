@@ -54,6 +54,7 @@ from megatron_tempnet.data.indexed import (  # noqa: F401  (re-exported: the che
     tokenizer_info_for,
     tokens_in_sequence_range,
 )
+from megatron_tempnet.data.token_check import check_token_content, token_stats
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,45 @@ def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Op
     return prefixes, (weights if weighted else None)
 
 
+def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
+    """Each split with a weight holds at least one sample of `prefix`. megatron-core asserts (blends) or loops
+    forever (requested samples) on a split too small for one sequence: refuse it here with the numbers."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    n_seq = check_dataset_prefix(prefix)["sequence_count"]
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "valid", "test"), matrix):
+        if bounds is None:
+            continue
+        beg, end = int(round(bounds[0] * n_seq)), int(round(bounds[1] * n_seq))
+        n_tok = tokens_in_sequence_range(prefix, beg, end)
+        if n_tok < seq_length + 1:
+            raise DatasetError(
+                f"the {name} split of {prefix} ({end - beg} of {n_seq} documents, split {split!r}) has {n_tok} "
+                f"tokens, fewer than one sample needs (seq_length + 1 = {seq_length + 1}); use fewer, larger "
+                f"shards (tools/merge_datasets.py), a split that gives {name} more (or 0), or a shorter seq_length"
+            )
+
+
+def require_train_and_valid(split: str) -> None:
+    """Training needs documents in the first two splits (the test split may be empty)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    try:
+        weights = parse_and_normalize_split(split)
+    except (AssertionError, ValueError):
+        weights = [float("nan")]
+    if not all(w == w for w in weights):  # nan: no numbers, or all of them 0
+        raise DatasetError(f"--split {split!r} is not train,valid,test weights with a positive sum; e.g. 949,50,1")
+    for name, w in zip(("training", "validation"), weights):
+        if w <= 0:
+            raise DatasetError(f"--split {split} leaves no {name} documents; give both the first and second split "
+                               "a weight (e.g. 949,50,1)")
+
+
 def megatron_is_built_on_rank() -> bool:
     """Megatron-LM's rule: datasets on tensor-parallel rank 0 of the first and last pipeline stages."""
     from megatron.core import parallel_state as ps
@@ -176,32 +216,23 @@ def build_gpt_datasets(
         raise DatasetError(f"num_samples must be (train, valid, test) (got {num_samples})")
     prefixes, weights = parse_data_path(data_path)
     built_here = is_built_on_rank or (lambda: True)
+    if check_tokenizer:  # one pass over each .bin on rank 0 fills the token-stats caches the others read
+        if torch.distributed.get_rank() == 0:
+            for p in prefixes:
+                try:
+                    token_stats(p, cache_path)
+                except (DatasetError, OSError):
+                    pass  # every rank reports it below
+        torch.distributed.barrier()
 
     if built_here():
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix,
-            parse_and_normalize_split,
-        )
-
-        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
         for p in prefixes:
-            info = check_dataset_prefix(p)
+            check_dataset_prefix(p)
             if check_tokenizer and tokenizer_info_for(p) is not None:
                 check_tokenizer_matches(p, tokenizer.vocab_size, tokenizer=tokenizer if hasattr(tokenizer, "sha256") else None)
-            # megatron-core asserts (blends) or loops forever (requested samples) on a split too small for
-            # one sequence: refuse it here with the numbers.
-            n_seq = info["sequence_count"]
-            for name, bounds in zip(("train", "valid", "test"), split_matrix):
-                if bounds is None:
-                    continue
-                beg, end = int(round(bounds[0] * n_seq)), int(round(bounds[1] * n_seq))
-                n_tok = tokens_in_sequence_range(p, beg, end)
-                if n_tok < seq_length + 1:
-                    raise DatasetError(
-                        f"the {name} split of {p} ({end - beg} of {n_seq} documents, split {split!r}) has {n_tok} "
-                        f"tokens, fewer than one sample needs (seq_length + 1 = {seq_length + 1}); use fewer, larger "
-                        f"shards (tools/merge_datasets.py), a split that gives {name} more (or 0), or a shorter seq_length"
-                    )
+            if check_tokenizer:
+                check_token_content(p, tokenizer.vocab_size, cache_path)
+            check_split_sizes(p, split, seq_length)
 
     if node_local_cache and torch.distributed.get_world_size() > 1:
         if cache_path is None:

@@ -211,6 +211,7 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtyp
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=True,
+        cuda_graph_scope=[],  # the whole layer; megatron-core 0.16's default "full" means the same but warns
         **platform.pipeline_p2p_config(),
     )
     if use_transformer_engine and fp8.fp8_format is not None:

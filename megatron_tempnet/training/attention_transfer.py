@@ -182,9 +182,10 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
     the frozen, non-FP8 teacher does not use them."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from .checkpointing import (checkpoint_tensor_shapes, model_sharded_state_dict, safe_dist_load,
+    from .checkpointing import (check_integrity, checkpoint_tensor_shapes, model_sharded_state_dict, safe_dist_load,
                                 sharded_state_dict_metadata)
 
+    check_integrity(ckpt, None)
     shapes = checkpoint_tensor_shapes(ckpt)
     metadata = sharded_state_dict_metadata()
     sd = {}

@@ -64,7 +64,10 @@ def micro_batches(
 ) -> Iterator[Batch]:
     """Endless micro-batches for this DP rank starting after `consumed_samples` (wraps around the dataset)."""
     n = len(dataset)
-    per_step = global_batch_size // (micro_batch_size * dp_size)
+    per_step = global_batch_size // (micro_batch_size * dp_size) if micro_batch_size > 0 else 0
+    if per_step < 1 or n < 1:  # config.validate refuses these; an endless loop that yields nothing must not follow
+        raise ValueError(f"no micro-batch to draw: global batch {global_batch_size}, micro-batch {micro_batch_size}, "
+                         f"{dp_size} data-parallel rank(s), {n} samples")
     step_start = consumed_samples
     while True:
         for j in range(per_step):

@@ -58,6 +58,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -67,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size
+from .checkpoint_integrity import record_checksums, verify_checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 INFO_FILE = "tempnet_checkpoint.json"
@@ -170,10 +172,10 @@ def resolve_checkpoint(path: str | os.PathLike, *, allow_empty: bool = False) ->
                 f"{tracker} holds {text!r}, not an iteration number; fix or delete it, or pass one iter_N folder")
         target = p / iter_dir_name(int(text))
         if not (target / INFO_FILE).is_file():
-            others = ", ".join(c.name for c in complete_checkpoints(p)) or "none"
-            raise CheckpointError(
-                f"{tracker} names iteration {int(text)} but {target} is missing or incomplete; "
-                f"pass one of the complete checkpoints in {p} directly ({others})")
+            complete = complete_checkpoints(p)
+            fix = (f"the newest complete checkpoint is {complete[-1]}: resume with --load {complete[-1]}" if complete
+                   else f"{p} holds no complete checkpoint: drop --load to start from scratch")
+            raise CheckpointError(f"{tracker} names iteration {int(text)} but {target} is missing or incomplete; {fix}")
         read_info(target)
         return target
     complete = complete_checkpoints(p)
@@ -406,10 +408,12 @@ def _safe_strategies():
             orig = sharded_state_dict
             sharded_state_dict, flat_mapping, rename_mapping = \
                 mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
-            pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
             reader = SafeFileSystemReader(checkpoint_dir)
-            dcp.load_state_dict(pyt_state_dict, reader, planner=SafeLoadPlanner(
-                shapes_validation_sharded_tensors=flexible, allow_shape_mismatch_sharded_tensors=mismatch_ok))
+            with warnings.catch_warnings():  # megatron-core 0.16 loads through torch's ShardedTensor, which warns
+                warnings.filterwarnings("ignore", message=".*Please use DTensor instead", category=FutureWarning)
+                pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
+                dcp.load(pyt_state_dict, storage_reader=reader, planner=SafeLoadPlanner(
+                    shapes_validation_sharded_tensors=flexible, allow_shape_mismatch_sharded_tensors=mismatch_ok))
             self.cached_global_metadata = reader.read_metadata()
             loaded = {k: mcore_torch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
             loaded = mcore_torch._replace_sharded_keys_with_state_dict_keys(loaded, flat_mapping, rename_mapping)
@@ -622,6 +626,7 @@ def save_checkpoint(cfg: Config, iteration: int, consumed_samples: int, model: L
               config_json=json.dumps(info["config"]), format_version=FORMAT_VERSION)
     dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True)
     dist.barrier()
+    record_checksums(tmp)  # collective; before the description file that publishes the folder
     _test_hook(iteration, "written", tmp)
     if rank == 0:
         _write_atomic(tmp / INFO_FILE, json.dumps(info, indent=1))
@@ -791,6 +796,14 @@ def _switch_optimizer_format(sd: dict, *, to_distributed: bool) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def check_integrity(ckpt: Path, cfg: Optional[Config]) -> None:
+    """Refuse a damaged checkpoint before any tensor is read (checkpoint_integrity.py); sizes always, hashes
+    unless --no-verify-checkpoint. Called on every rank (the ranks share the hashing)."""
+    hashes = cfg is None or cfg.checkpoint.verify_checkpoint
+    if not verify_checkpoint(ckpt, hashes=hashes):
+        _log(f"note: {ckpt} has no recorded checksums (written by an older megatron-tempnet): it loads unverified")
+
+
 def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler,
                     path: Optional[str] = None) -> Optional[LoadedState]:
     """Restore a full training state from `path` (default --load) into this run's model, optimizer and
@@ -816,6 +829,7 @@ def load_checkpoint(cfg: Config, model: List[torch.nn.Module], optimizer, schedu
             f"{ckpt} was saved in --mode {saved['train']['mode']}, this run uses --mode {cfg.train.mode}: their "
             f"optimizers differ; resume with --mode {saved['train']['mode']}, or start the new mode from the "
             f"weights with --pretrained-checkpoint {ckpt}")
+    check_integrity(ckpt, cfg)
     layout = _layout()
     same_layout = all(info["layout"].get(k) == layout[k] for k in ("tp", "pp", "dp"))
     sd = _state_dict(model, optimizer, scheduler, is_loading=True, with_rng=same_layout, layout=layout)
@@ -852,6 +866,7 @@ def load_model_weights(path: str, model: List[torch.nn.Module], cfg: Optional[Co
     info = read_info(ckpt)
     if cfg is not None:
         check_model_matches(info["config"], cfg, str(ckpt), tempnet_optional=True)
+    check_integrity(ckpt, cfg)
     shapes = checkpoint_tensor_shapes(ckpt)
     metadata = sharded_state_dict_metadata()
     sd = {}

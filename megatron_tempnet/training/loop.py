@@ -44,15 +44,13 @@ def build_datasets(cfg: Config):
     if cfg.data.mock_data:
         return (MockTokens(m.vocab_size, m.seq_length, n_train, seed=t.seed),
                 MockTokens(m.vocab_size, m.seq_length, n_valid, seed=t.seed + 1))
-    from ..data.datasets import build_gpt_datasets  # needs files on disk
+    from ..data.datasets import build_gpt_datasets, require_train_and_valid  # needs files on disk
     from ..data.tokenizer import load_tokenizer
 
+    require_train_and_valid(cfg.data.split)
     train, valid, _ = build_gpt_datasets(
         cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, load_tokenizer(cfg.data.tokenizer_model),
         (n_train, n_valid, 0), cfg.data.data_cache_path, create_attention_mask=False)
-    if train is None or valid is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no {'training' if train is None else 'validation'} "
-                          "documents; give both the first and second split a weight")
     return train, valid
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -65,8 +66,11 @@ def _check(name: str, fn: Callable[[], str]) -> CheckResult:
 
 
 def _check_data(cfg: Config) -> str:
-    from ..data.datasets import parse_data_path
+    """What build_datasets would refuse: missing or truncated files, bad pointers, token ids outside the
+    vocabulary, a split without training or validation documents, a split too small for one sample."""
+    from ..data.datasets import check_split_sizes, parse_data_path, require_train_and_valid
     from ..data.indexed import check_dataset_prefix, expand_data_prefixes
+    from ..data.token_check import check_token_content
 
     if cfg.data.mock_data:
         return "mock data"
@@ -74,9 +78,15 @@ def _check_data(cfg: Config) -> str:
         raise ConfigError("no --data-path: pass preprocessed data (tools/preprocess_data.py) or --mock-data")
     prefixes, _ = parse_data_path(cfg.data.data_path)
     shards = expand_data_prefixes(prefixes)
+    require_train_and_valid(cfg.data.split)
     for prefix in shards:
         check_dataset_prefix(prefix)
-    return f"{len(shards)} dataset shard(s) complete"
+        if cfg.model.vocab_size is not None:
+            check_token_content(prefix, cfg.model.vocab_size, cfg.data.data_cache_path)
+        check_split_sizes(prefix, cfg.data.split, cfg.model.seq_length)
+    checked = ("token ids in the vocabulary" if cfg.model.vocab_size is not None
+               else "token ids not checked (no vocabulary)")
+    return f"{len(shards)} dataset shard(s) complete, {checked}, every split holds a sample"
 
 
 def _check_tokenizer(cfg: Config) -> str:
@@ -97,6 +107,7 @@ def _check_tokenizer(cfg: Config) -> str:
 
 
 def _check_checkpoint(cfg: Config) -> str:
+    from .checkpoint_integrity import verify_checkpoint
     from .checkpointing import check_layout_fits, check_model_matches, read_info, resolve_checkpoint
 
     ck, p = cfg.checkpoint, cfg.parallel
@@ -112,7 +123,9 @@ def _check_checkpoint(cfg: Config) -> str:
         check_model_matches(info["config"], cfg, str(folder), tempnet_optional=what == "--pretrained-checkpoint")
         check_layout_fits(info["config"]["model"], p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                           p.virtual_pipeline_model_parallel_size)
-        found.append(f"{what} {folder.name} fits")
+        verified = verify_checkpoint(folder, hashes=ck.verify_checkpoint)
+        found.append(f"{what} {folder.name} fits, " + ("its files match their checksums" if verified and
+                     ck.verify_checkpoint else "sizes checked" if verified else "unverified (no recorded checksums)"))
     return "; ".join(found) or "no checkpoint to load"
 
 
@@ -122,22 +135,39 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _check_disk(cfg: Config) -> str:
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: os.access says yes to root on a read-only mount."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_probe_", dir=folder)
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise ConfigError(f"{what}: {folder} is not writable ({err.strerror}); choose a folder you can write "
+                          "to") from None
+
+
+def check_save_folder(cfg: Config, copies: Optional[int] = None) -> str:
+    """The --save folder is a folder (or can be made), is writable, and has room for `copies` checkpoints
+    (default: the --keep-last ones plus the one being written). The trainer asks for one before its first
+    step, so a run never trains only to find it cannot save."""
     ck = cfg.checkpoint
     if not ck.save:
         return "no --save"
     save = Path(ck.save)
     if save.exists() and not save.is_dir():
-        raise OSError(f"--save {save} is a file; pass a folder (it is created if missing)")
+        raise ConfigError(f"--save {save} is a file; pass a folder (it is created if missing)")
     parent = _existing_parent(save.resolve())
-    if not os.access(parent, os.W_OK):
-        raise OSError(f"--save {save}: {parent} is not writable; choose a folder you can write to")
-    need = checkpoint_bytes(cfg) * (max(ck.keep_last, 1) + 1)  # kept ones + the one being written
+    _probe_writable(parent, f"--save {save}")
+    copies = copies if copies is not None else max(ck.keep_last, 1) + 1  # kept ones + the one being written
+    one = checkpoint_bytes(cfg)
+    need = one * copies
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise OSError(
-            f"--save {save}: {free / 2**30:.1f} GiB free on {parent}, but {ck.keep_last or 'all'} kept checkpoint(s) "
-            f"plus the one being written need about {need / 2**30:.1f} GiB; free space, lower --keep-last, or save elsewhere")
+        what = "one checkpoint needs" if copies == 1 else \
+            f"{ck.keep_last or 'all'} kept checkpoint(s) plus the one being written need"
+        raise ConfigError(
+            f"--save {save}: {free / 2**30:.2f} GiB free on {parent}, but {what} about {need / 2**30:.2f} GiB; "
+            "free space, lower --keep-last, or save elsewhere")
     return f"{free / 2**30:.1f} GiB free, about {need / 2**30:.2f} GiB needed"
 
 
@@ -153,7 +183,7 @@ def run_checks(cfg: Config, world_size: int, *, cuda_available: Optional[bool] =
     results = [config, tokenizer, _check("data", lambda: _check_data(cfg))]
     if cfg.model.vocab_size is not None:
         results.append(_check("checkpoint", lambda: _check_checkpoint(cfg)))
-        results.append(_check("disk", lambda: _check_disk(cfg)))
+        results.append(_check("disk", lambda: check_save_folder(cfg)))
     return results
 
 

@@ -3,7 +3,12 @@
 - SIGTERM (sent by SLURM at preemption or `scancel`, and by torchrun when another rank died) and SIGUSR1
   (SLURM's warning before the time limit, `#SBATCH --signal=USR1@90`): finish the step, save, exit with
   REQUEUE_EXIT_CODE so the batch script requeues the job;
-- --exit-duration-in-mins: the same, once the run has been going that long (a job's time limit);
+- SIGINT (Ctrl-C): the same, but exit with status 130 (interrupted, no requeue). A second Ctrl-C, more than
+  INTERRUPT_REPEAT_S after the first, stops at once without saving (KeyboardInterrupt). torchrun starts each
+  worker in a session of its own and forwards one SIGINT to it, then kills it after its --shutdown-timeout
+  (30 s by default): a save that takes longer needs a larger --shutdown-timeout. A second Ctrl-C to torchrun
+  makes torchrun stop waiting and kill its workers at once (torchrun's rule);
+- --exit-duration-in-mins: the same as SIGTERM, once the run has been going that long (a job's time limit);
 - --exit-interval: save and exit normally at a multiple of that iteration.
 
 A signal reaches each rank at a slightly different moment, so the flags are combined with one small
@@ -21,7 +26,11 @@ import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 124  # what the sbatch scripts in examples/slurm/ requeue on
 REQUEUE_MARKER = "requeue_requested"  # also written into --save, for launchers that hide exit statuses
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPTED_EXIT_CODE = 130  # the shell's status for a Ctrl-C
+INTERRUPT_REPEAT_S = 2.0  # a second SIGINT sooner than this is the same Ctrl-C delivered twice (a launcher's copy)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# the scheduler's stop signals kept while the run sets up (a Ctrl-C then still stops the process at once)
+EARLY_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _before_run: list = []  # stop signals that came before StopConditions was set up
 
 
@@ -29,7 +38,7 @@ def keep_early_stop_signals() -> None:
     """First thing in a trainer process: a stop signal that comes while the run sets up (process groups, model,
     checkpoint load: minutes at scale) is kept for StopConditions, which stops after the first step, instead of
     killing the rank with no checkpoint and no requeue (the default action of both signals)."""
-    for sig in STOP_SIGNALS:
+    for sig in EARLY_STOP_SIGNALS:
         try:
             signal.signal(sig, lambda signum, _frame: _before_run.append(signum))
         except ValueError:  # not the main thread: signals cannot be handled here
@@ -63,6 +72,7 @@ class StopConditions:
         self.started = time.monotonic()
         self.received: Optional[int] = _before_run[-1] if _before_run else None
         _before_run.clear()
+        self._interrupted_at: Optional[float] = None
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
@@ -71,7 +81,15 @@ class StopConditions:
                 pass
 
     def _on_signal(self, signum, _frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at > INTERRUPT_REPEAT_S:
+                raise KeyboardInterrupt
+            if self._interrupted_at is None and (not dist.is_initialized() or dist.get_rank() == 0):
+                print("interrupted: finishing this step, then saving (if --save) and stopping; press Ctrl-C again "
+                      "to stop at once without saving", flush=True)
+            self._interrupted_at = self._interrupted_at or now
+        self.received = max(self.received or 0, int(signum))
 
     def check(self, iteration: int) -> Optional[str]:
         """After a step: None to go on, else why to stop ("signal SIGUSR1", "exit duration", "exit interval")."""
@@ -94,7 +112,10 @@ class StopConditions:
 
     @staticmethod
     def exit_code(reason: Optional[str]) -> int:
-        """REQUEUE_EXIT_CODE when the run should continue in a requeued job, else 0."""
+        """REQUEUE_EXIT_CODE when the run should continue in a requeued job, INTERRUPTED_EXIT_CODE after a
+        Ctrl-C, else 0."""
+        if reason == f"signal {signal.SIGINT.name}":
+            return INTERRUPTED_EXIT_CODE
         return REQUEUE_EXIT_CODE if reason and reason != "exit interval" else 0
 
     def restore(self) -> None:
