@@ -284,7 +284,7 @@ def test_trainer_cli_refuses_a_bad_teacher_before_any_work(teachers, tmp_path, c
     (["--attention-transfer-mode", "distill", "--attention-transfer-teacher-checkpoint", "t",
       "--attention-transfer-distill-weight", "-1"], "--attention-transfer-distill-weight must be >= 0"),
     (["--attention-transfer-mode", "copy", "--attention-transfer-teacher-checkpoint", "t", "--mode", "frozen_lm",
-      "--tempnet-enabled", "--pretrained-checkpoint", "p"], "cannot be combined with --mode frozen_lm"),
+      "--tempnet-enabled", "--dro-target-entropy", "3", "--pretrained-checkpoint", "p"], "cannot be combined with --mode frozen_lm"),
 ])
 def test_bad_flags_are_refused(flags, message):
     from megatron_tempnet.config import ConfigError, load_config, validate
