@@ -17,6 +17,8 @@ setup(
         "psutil",  # needed by megatron-core's dist_checkpointing at run time
         "pyyaml",
         "sentencepiece",
+        "tokenizers",  # byte-level BPE training (tools/train_tokenizer.py) and the hf encoder
+        "gigatoken>=0.10,<0.11",  # the fast encoder behind --tokenizer-backend auto; its sentencepiece reader is pinned
         "tensorboard",
         "tqdm",
     ],

@@ -202,20 +202,20 @@ def test_strict_stops_at_file_and_line_and_keeps_completed_shards(tmp_path, tok_
 
 def test_crash_mid_shard_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path, tok_path, corpus, monkeypatch):
     out = tmp_path / "o" / "c"
-    original = pp._Shard.finish
+    original = pp.Shard.finish
 
     def crash_on_second(self, end, meta):
         if self.index == 1:
             raise RuntimeError("simulated crash")
         return original(self, end, meta)
 
-    monkeypatch.setattr(pp._Shard, "finish", crash_on_second)
+    monkeypatch.setattr(pp.Shard, "finish", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
         run(corpus["inputs"], tok_path, out, shards=3)
     names = sorted(os.listdir(tmp_path / "o"))
     assert not any(n.startswith("c_00001") or n.endswith(".tmp") for n in names), names
     assert "c_00000.idx" in names and "c_00000.meta.json" in names
-    monkeypatch.setattr(pp._Shard, "finish", original)
+    monkeypatch.setattr(pp.Shard, "finish", original)
     before = os.stat(str(out) + "_00000.bin").st_mtime_ns
     man = run(corpus["inputs"], tok_path, out, shards=3)
     assert man["run"]["resumed_shards"] == 1 and os.stat(str(out) + "_00000.bin").st_mtime_ns == before
