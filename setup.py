@@ -13,6 +13,7 @@ setup(
         "torch>=2.4",
         "megatron-core==0.16.1",
         "numpy",
+        "orjson",  # preprocessing's JSONL parser: about 2.5x the standard library's json
         "packaging",
         "psutil",  # needed by megatron-core's dist_checkpointing at run time
         "pyyaml",

@@ -433,3 +433,28 @@ def ix_sha(data):
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_fast_json_path_agrees_with_parse_record():
+    from megatron_tempnet.data.inputs import RecordBatch, SkipRecord, parse_batch, parse_record
+
+    lines = BAD_LINES + [b'\xef\xbb\xbf{"text": "bom"}', b'{"text": NaN, "x": 1}', b'{"text": "x", "n": 123456789012345678901234567890}',
+                         b'{"text": "dup", "text": "last"}', b'{"text": "tab\\there \\u00e9 \\ud83d\\ude00"}', b'{"text": "a"}\r',
+                         b'{"text": "\\u0000"}', b'  {"text": "spaced"}  ', b'[' * 5000 + b']' * 5000]
+    z = np.zeros(len(lines), np.int64)
+    batch = RecordBatch(0, lines, z, z + 1, z, z, z, 0)
+    texts, recs, skips = parse_batch(batch, ["text"], [True])
+    expected_texts, expected_skips = [], []
+    for j, raw in enumerate(lines):
+        try:
+            t = parse_record(raw, True, ["text"])["text"]
+        except SkipRecord as s:
+            expected_skips.append((j, None, s.reason, s.detail))
+            continue
+        if isinstance(t, SkipRecord):
+            expected_skips.append((j, "text", t.reason, t.detail))
+        else:
+            expected_texts.append((j, t))
+    assert list(zip(recs["text"].tolist(), texts["text"])) == expected_texts
+    assert skips == expected_skips
+    assert ("dup" not in texts["text"]) and "last" in texts["text"] and "bom" not in texts["text"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import orjson
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_MODES = ("file", "line")
@@ -35,6 +36,7 @@ SKIP_REASONS = (
     "empty",
     "blank_line",
 )
+_BOM = b"\xef\xbb\xbf"  # json.loads refuses it, so the fast path must too
 STRICT_REASONS = frozenset({"malformed_json", "invalid_utf8", "not_an_object", "missing_key", "not_a_string"})
 
 
@@ -277,22 +279,22 @@ def parse_batch(batch: RecordBatch, keys: Sequence[str], jsonl_by_file: Sequence
     """The texts of a batch: (texts {key: [str]}, records {key: int64 (texts,) offset in the batch of each
     text's record}, skips [(record offset, key or None for the whole record, reason, detail)]), all in
     record order. The same results as parse_record on each record: a well-formed JSONL record takes a fast
-    path (one decode, one json.loads), anything else goes through parse_record for its exact reason."""
+    path (one orjson.loads), anything else goes through parse_record for its exact reason."""
     texts: Dict[str, List[str]] = {k: [] for k in keys}
     where: Dict[str, List[int]] = {k: [] for k in keys}
     skips: List[tuple] = []
     single = keys[0] if len(keys) == 1 else None
     jsonl_of = [jsonl_by_file[f] for f in batch.file.tolist()]
-    loads = json.loads
     for j, raw in enumerate(batch.raws):
         jsonl = jsonl_of[j]
-        if jsonl and single is not None:
+        if jsonl and single is not None and not raw.startswith(_BOM):
             try:
-                t = loads(raw.decode("utf-8"))[single]
+                # orjson accepts only valid UTF-8 and no lone surrogates, and parses what json does, so a
+                # text it returns is one parse_record would keep (once it is checked for emptiness)
+                t = orjson.loads(raw)[single]
             except Exception:  # noqa: BLE001  (parse_record below names the problem)
                 t = None
-            # isascii() is O(1) in CPython; only a \u escape can put a lone surrogate into the text
-            if type(t) is str and t and not t.isspace() and (t.isascii() or b"\\u" not in raw):
+            if type(t) is str and t and not t.isspace():
                 texts[single].append(t)
                 where[single].append(j)
                 continue

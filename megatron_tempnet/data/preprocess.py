@@ -84,7 +84,8 @@ class PreprocessConfig:
     log_skips: int = 5  # how many skipped records to describe on stderr
     chunk_records: int = 1 << 20  # a batch holds at most this many records ...
     chunk_bytes: int = 2 << 20  # ... and about this many input bytes
-    parity_docs: int = 256  # documents compared with the reference library at the start of a run
+    parity_docs: int = 64  # documents compared with the reference library at the start of a run ...
+    parity_bytes: int = 256 << 10  # ... and at most about this many characters of them
 
 
 def shard_prefix(output_prefix: str, keys: Sequence[str], key: str, shard: int) -> str:
@@ -437,6 +438,7 @@ class _ShardSequence:
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the pipeline; returns the manifest (also written to <output_prefix>.manifest.json), with the
     run's throughput under the extra key "run" (not written to disk: the manifest stays deterministic)."""
+    t0 = time.time()
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (until the progress bar exists)
     plan = _plan(cfg, say)
     done = _completed_shards(plan)
@@ -452,8 +454,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     total_bytes = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
     if total_bytes is not None and start.record:
         total_bytes = max(0, total_bytes - sum(os.path.getsize(f) for f in files[: start.file]) - start.offset)
-    parity = ParityCheck(plan.encoder, plan.reference, docs=cfg.parity_docs)
-    prog = Progress(cfg.progress and not finished_all, total_bytes)
+    parity = ParityCheck(plan.encoder, plan.reference, docs=cfg.parity_docs, max_bytes=cfg.parity_bytes)
+    prog = Progress(cfg.progress and not finished_all, total_bytes, t0)
     writer: Optional[_ShardSequence] = None
     success = False
     try:

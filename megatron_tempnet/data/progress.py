@@ -11,9 +11,10 @@ _BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB [{elapse
 class Progress:
     """A tqdm bar in MB of input (when enabled) and the run's throughput figures."""
 
-    def __init__(self, enabled: bool, total_bytes: Optional[int]):
+    def __init__(self, enabled: bool, total_bytes: Optional[int], t0: Optional[float] = None):
+        """t0: when the run began (time.time()), so the figures count its set-up too."""
         self.bar = None
-        self.t0 = time.time()
+        self.t0 = time.time() if t0 is None else t0
         self.docs = self.tokens = self.bytes = 0
         self._last = 0.0
         if enabled:
