@@ -30,10 +30,12 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_tempnet.data.tokenizer import TokenizerError
+
 BACKENDS = ("auto", "sentencepiece", "hf", "gigatoken")
 
 
-class BackendError(ValueError):
+class BackendError(TokenizerError):
     """A backend that cannot be used, or that disagrees with the reference. The message names the fix."""
 
 
