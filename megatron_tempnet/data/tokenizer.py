@@ -354,6 +354,7 @@ def train_sentencepiece(
     pieces. `max_input_mb` stops reading after that many MB of text (for corpora too large to scan).
     Returns a summary dict (model path, vocab size, pieces and bytes read, seconds).
     """
+    # Over 100 lines: one trainer call with sentencepiece's many options and the translation of its errors.
     import io
     import time
 
