@@ -323,7 +323,8 @@ def _encode_batch(plan: _Plan, parity: ParityCheck, batch: RecordBatch, texts: d
 
 def _encoded_batches(plan: _Plan, parity: ParityCheck, start: Position, say) -> Iterator[Tuple[RecordBatch, dict, list, _Encoded]]:
     """(batch, record offsets per key, skips, encoded) in input order. While the consumer writes batch i,
-    batch i+1 is being encoded and batch i+2 parsed."""
+    batch i+1 is being encoded; batch i+2 is read, parsed and queued before that encode ends, so the
+    tokenizer's threads never wait for the main thread."""
     cfg = plan.cfg
     pending = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
