@@ -61,16 +61,17 @@ def read_texts(corpus: str, key: str = "text") -> list:
     return out
 
 
-def backends_for(tok) -> list:
-    ref = "sentencepiece" if tok.kind == "sentencepiece" else "hf"
-    out = [ref]
+def backends_for(tok_path: str) -> list:
+    """The reference library for the tokenizer's format, then gigatoken if it is installed. Decided from
+    the path alone: loading a tokenizer (transformers) here would enlarge this process, and a child's peak
+    RSS counts the parent's pages it was forked from."""
+    p = tok_path.rstrip("/")
+    ref = "hf" if os.path.isdir(p) or p.endswith("tokenizer.json") else "sentencepiece"
     try:
         import gigatoken  # noqa: F401
-
-        out.append("gigatoken")
     except ImportError:
-        pass
-    return out
+        return [ref]
+    return [ref, "gigatoken"]
 
 
 def raw_encoders(tok, backend: str, workers: int) -> dict:
@@ -89,32 +90,28 @@ def raw_encoders(tok, backend: str, workers: int) -> dict:
             "arrays": lambda texts: g.encode_batch(texts, parallel=workers > 1)}
 
 
-def raw_rates(corpus: str, tok_path: str, backend: str, workers: int, batch_mb: float) -> dict:
-    """MB/s of text for each raw call, on the whole corpus in one call ("whole") and in consecutive
-    batches of about batch_mb ("batched", as the pipeline feeds it). Runs in its own process (see main)."""
+def raw_rate(corpus: str, tok_path: str, backend: str, workers: int, batch_mb: float, call: str, how: str) -> dict:
+    """MB/s of text for one raw call, on the whole corpus in one call ("whole") or in consecutive batches of
+    about batch_mb ("batched", as the pipeline feeds it). Runs in a fresh process (see run_raw): gigatoken
+    keeps a cache of pretokens across calls, so a second measurement in one process would start warm."""
     from megatron_tempnet.data.tokenizer import load_tokenizer
 
     texts = read_texts(corpus)
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    batches, cur, n = [], [], 0
-    for t in texts:
+    calls, cur, n = [], [], 0
+    for t in texts if how == "batched" else ():
         cur.append(t)
         n += len(t)
         if n >= batch_mb * 1e6:
-            batches.append(cur)
+            calls.append(cur)
             cur, n = [], 0
-    batches += [cur] if cur else []
-    out = {"text_mb": round(text_bytes / 1e6, 1)}
-    for name, fn in raw_encoders(load_tokenizer(tok_path), backend, workers).items():
-        for how, calls in (("whole", [texts]), ("batched", batches)):
-            t0, c0 = time.time(), cpu_seconds(resource.RUSAGE_SELF)
-            for b in calls:
-                fn(b)
-            out[f"{name}_{how}_mb_per_s"] = round(text_bytes / (time.time() - t0) / 1e6, 2)
-            out[f"{name}_{how}_cpu_s"] = round(cpu_seconds(resource.RUSAGE_SELF) - c0, 2)
-    best = max((k for k in out if k.endswith("_mb_per_s")), key=out.get)
-    out["best"], out["best_mb_per_s"], out["best_cpu_s"] = best, out[best], out[best.replace("_mb_per_s", "_cpu_s")]
-    return out
+    calls = calls + ([cur] if cur else []) if how == "batched" else [texts]
+    fn = raw_encoders(load_tokenizer(tok_path), backend, workers)[call]
+    t0, c0 = time.time(), cpu_seconds(resource.RUSAGE_SELF)
+    for b in calls:
+        fn(b)
+    return {"text_mb": round(text_bytes / 1e6, 1), f"{call}_{how}_mb_per_s": round(text_bytes / (time.time() - t0) / 1e6, 2),
+            f"{call}_{how}_cpu_s": round(cpu_seconds(resource.RUSAGE_SELF) - c0, 2)}
 
 
 def cpu_seconds(who) -> float:
@@ -124,15 +121,21 @@ def cpu_seconds(who) -> float:
 
 
 def run_raw(corpus: str, tok_path: str, backend: str, workers: int, batch_mb: float) -> dict:
-    """raw_rates in a fresh process: the texts and their ids never enlarge the process that starts the
-    end-to-end runs (a child's peak RSS counts the parent's pages it was forked from)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--corpus", corpus, "--tokenizer", tok_path,
-           "--workers", str(workers), "--raw-backend", backend, "--batch-mb", str(batch_mb)]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(workers))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"[bench] raw run failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """Every raw call of the backend, each in a fresh process (cold caches, and the texts and ids never
+    enlarge this process); the fastest is "best"."""
+    calls = ["list", "arrays"] if backend == "gigatoken" else ["list"]
+    out: dict = {}
+    for call in calls:
+        for how in ("whole", "batched"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--corpus", corpus, "--tokenizer", tok_path,
+                   "--workers", str(workers), "--raw", backend, call, how, "--batch-mb", str(batch_mb)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RAYON_NUM_THREADS=str(workers)))
+            if r.returncode != 0:
+                raise SystemExit(f"[bench] raw run failed: {r.stderr[-2000:]}")
+            out.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    best = max((k for k in out if k.endswith("_mb_per_s")), key=out.get)
+    out["best"], out["best_mb_per_s"], out["best_cpu_s"] = best, out[best], out[best.replace("_mb_per_s", "_cpu_s")]
+    return out
 
 
 def tree_rss_sampler(pid: int, stop: threading.Event, out: dict, interval: float = 0.2) -> None:
@@ -190,15 +193,13 @@ def run_e2e(corpus: str, tok: str, backend: str, workers: int, shards: int, out_
         "mb_per_s": round(nbytes / st["seconds"] / 1e6, 2), "wall_mb_per_s": round(nbytes / wall / 1e6, 2),
         "tokens": st["tokens"], "docs": st["docs"], "backend_used": st.get("tokenizer_backend"),
         "peak_rss_self_mb": st["peak_rss_self_mb"],
-        "peak_rss_tree_mb": round(max(sampled.get("peak_tree_rss", 0) / 2**20, st["peak_rss_self_mb"]), 1),
+        "peak_rss_tree_mb": round(sampled.get("peak_tree_rss", 0) / 2**20, 1),
         "output_sha256": digest.hexdigest(),
     }
 
 
 def bench_tokenizer(args, tok_path: str, workdir: str) -> None:
-    from megatron_tempnet.data.tokenizer import load_tokenizer
-
-    backends = backends_for(load_tokenizer(tok_path))
+    backends = [b for b in backends_for(tok_path) if not args.backends or b in args.backends]
     best: dict = {}
     for rep in range(args.repeats):
         for b in backends:
@@ -257,11 +258,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-scale", type=int, default=0, help="also compare peak RSS on this many copies of the corpus")
     ap.add_argument("--workdir", default=None, help="where outputs go (default: a temporary folder)")
     ap.add_argument("--batch-mb", type=float, default=2.0, help="batch size of the batched raw rate (the pipeline's --chunk-mb)")
-    ap.add_argument("--raw-backend", default=None, help=argparse.SUPPRESS)  # internal: one raw measurement
+    ap.add_argument("--backends", nargs="*", default=None, help="only these backends (default: every one that runs)")
+    ap.add_argument("--raw", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: BACKEND CALL HOW, one raw measurement
     args = ap.parse_args(argv)
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # before any Rust tokenizer starts its pool
-    if args.raw_backend:
-        print(json.dumps(raw_rates(args.corpus, args.tokenizer[0], args.raw_backend, args.workers, args.batch_mb)))
+    if args.raw:
+        print(json.dumps(raw_rate(args.corpus, args.tokenizer[0], args.raw[0], args.workers, args.batch_mb, *args.raw[1:])))
         return 0
     if args.build_corpus and not os.path.isfile(args.corpus):
         from benchmarks.text_corpus import build
