@@ -202,20 +202,20 @@ def test_strict_stops_at_file_and_line_and_keeps_completed_shards(tmp_path, tok_
 
 def test_crash_mid_shard_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path, tok_path, corpus, monkeypatch):
     out = tmp_path / "o" / "c"
-    original = pp._Shard.finish
+    original = pp.Shard.finish
 
     def crash_on_second(self, end, meta):
         if self.index == 1:
             raise RuntimeError("simulated crash")
         return original(self, end, meta)
 
-    monkeypatch.setattr(pp._Shard, "finish", crash_on_second)
+    monkeypatch.setattr(pp.Shard, "finish", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
         run(corpus["inputs"], tok_path, out, shards=3)
     names = sorted(os.listdir(tmp_path / "o"))
     assert not any(n.startswith("c_00001") or n.endswith(".tmp") for n in names), names
     assert "c_00000.idx" in names and "c_00000.meta.json" in names
-    monkeypatch.setattr(pp._Shard, "finish", original)
+    monkeypatch.setattr(pp.Shard, "finish", original)
     before = os.stat(str(out) + "_00000.bin").st_mtime_ns
     man = run(corpus["inputs"], tok_path, out, shards=3)
     assert man["run"]["resumed_shards"] == 1 and os.stat(str(out) + "_00000.bin").st_mtime_ns == before
@@ -268,3 +268,193 @@ def test_missing_inputs_and_bad_options(tmp_path, tok_path):
     src.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(InputError, match="at most one"):
         run([str(src)], tok_path, tmp_path / "o" / "x", shards=2, shard_size_mb=1)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def without_encoding(manifest_bytes):
+    man = json.loads(manifest_bytes)
+    man.pop("encoding")
+    return man
+
+
+def assert_same_output(a, b):
+    """Every .bin/.idx/.meta.json byte-identical; the manifests equal but for the backend they name."""
+    ta, tb = tree_bytes(a), tree_bytes(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        if name.endswith(".manifest.json"):
+            assert without_encoding(ta[name]) == without_encoding(tb[name]), name
+        else:
+            assert ta[name] == tb[name], name
+
+
+@pytest.fixture(scope="module")
+def special_corpus(tmp_path_factory, corpus):
+    """The corpus plus documents that spell the tokenizer's control pieces and unusual text."""
+    d = tmp_path_factory.mktemp("special")
+    extra = ["a <s> b </s> c <pad> <unk>", "tabs\tand\r\nwindows lines", "naïve café 日本 🙂", " leading", "x" * 3000]
+    with open(d / "s.jsonl", "w") as f:
+        for t in extra:
+            f.write(json.dumps({"text": t}) + "\n")
+    return corpus["inputs"] + [str(d / "s.jsonl")]
+
+
+def backends_available():
+    out = ["sentencepiece"]
+    try:
+        import gigatoken  # noqa: F401
+
+        out.append("gigatoken")
+    except ImportError:
+        pass
+    return out
+
+
+def test_same_output_for_every_backend_and_worker_count(special_corpus, tok_path, tmp_path):
+    tok = load_tokenizer(tok_path)
+    ref = None
+    for backend in backends_available():
+        for workers in (1, 2, 4):
+            out = tmp_path / f"{backend}_{workers}"
+            man = run(special_corpus, tok_path, out / "c", workers=workers, shards=3, append_eod=True,
+                      tokenizer_backend=backend, chunk_bytes=1500 * workers)
+            assert man["encoding"]["backend"] == backend and man["run"]["tokenizer_backend"] == backend
+            assert man["encoding"]["version"] not in ("", "unknown")
+            if ref is None:
+                ref = out
+                from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+                texts = [json.loads(line)["text"] for line in open(special_corpus[-1])]
+                ds = IndexedDataset(str(out / "c_00002"))
+                assert [ds[len(ds) - 5 + i].tolist() for i in range(5)] == [tok.tokenize(t) + [tok.eod] for t in texts]
+            else:
+                assert_same_output(ref, out)
+
+
+def test_a_backend_that_disagrees_is_refused_before_writing(corpus, tok_path, tmp_path, monkeypatch):
+    pytest.importorskip("gigatoken")
+    from megatron_tempnet.data import encoders
+
+    original = encoders.GigatokenEncoder.encode
+
+    def off_by_one(self, texts):
+        tokens, lengths = original(self, texts)
+        tokens = tokens.copy()
+        if len(texts) > 3:
+            tokens[int(lengths[:3].sum()) + 1] += 1  # document 3, token 1
+        return tokens, lengths
+
+    monkeypatch.setattr(encoders.GigatokenEncoder, "encode", off_by_one)
+    with pytest.raises(encoders.BackendError, match=r"gigatoken .* other ids than sentencepiece .*a\.jsonl:4 \(token 1.*--tokenizer-backend sentencepiece"):
+        run(corpus["inputs"], tok_path, tmp_path / "o" / "c", tokenizer_backend="gigatoken")
+    assert not [n for n in os.listdir(tmp_path / "o") if n.endswith((".bin", ".idx"))]
+
+
+def test_a_backend_that_raises_leaves_the_batch_to_the_reference(corpus, tok_path, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gigatoken")
+    from megatron_tempnet.data import encoders
+
+    def fail(self, texts):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(encoders.GigatokenEncoder, "encode", fail)
+    run(corpus["inputs"], tok_path, tmp_path / "g" / "c", tokenizer_backend="gigatoken", append_eod=True)
+    assert "gigatoken failed on a batch (RuntimeError: boom); encoded it with sentencepiece" in capsys.readouterr().err
+    run(corpus["inputs"], tok_path, tmp_path / "s" / "c", tokenizer_backend="sentencepiece", append_eod=True)
+    assert_same_output(tmp_path / "g", tmp_path / "s")
+
+
+def test_a_model_gigatoken_cannot_read_falls_back_with_one_line(corpus, tmp_path, capsys):
+    pytest.importorskip("gigatoken")
+    unigram = train_sentencepiece(docs(300, seed=1), str(tmp_path / "uni"), 300, model_type="unigram", threads=1)["model"]
+    capsys.readouterr()
+    man = run(corpus["inputs"], unigram, tmp_path / "o" / "c", tokenizer_backend="gigatoken")
+    lines = [x for x in capsys.readouterr().err.splitlines() if "gigatoken" in x]
+    assert len(lines) == 1 and "cannot read this model" in lines[0] and "using sentencepiece" in lines[0], lines
+    assert man["encoding"]["backend"] == "sentencepiece" and man["counts"]["docs"] == 60
+
+
+def test_backend_that_does_not_fit_the_tokenizer_is_a_clear_error(corpus, tok_path, tmp_path):
+    from megatron_tempnet.data.encoders import BackendError
+
+    with pytest.raises(BackendError, match=r"--tokenizer-backend hf cannot run .*sentencepiece .model.*use sentencepiece, gigatoken or auto"):
+        run(corpus["inputs"], tok_path, tmp_path / "o" / "c", tokenizer_backend="hf")
+    assert not (tmp_path / "o" / "c_00000.bin").exists()
+
+
+def test_byte_level_bpe_folder_for_every_backend(special_corpus, tmp_path):
+    pytest.importorskip("transformers")
+    from megatron_tempnet.data.bpe_training import train_byte_level_bpe
+
+    folder = train_byte_level_bpe(docs(300, seed=1) + ["naïve café 日本"], str(tmp_path / "bpe"), 400, threads=1)["model"]
+    tok = load_tokenizer(folder)
+    assert tok.kind == "huggingface" and tok.eod == 2
+    backends = ["hf"] + [b for b in backends_available() if b == "gigatoken"]
+    for backend in backends:
+        man = run(special_corpus, folder, tmp_path / backend / "c", workers=2, append_eod=True,
+                  tokenizer_backend=backend, chunk_bytes=2000)
+        assert man["encoding"]["backend"] == backend
+    assert_same_output(tmp_path / "hf", tmp_path / backends[-1])
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "hf" / "c_00000"))
+    text = json.loads(open(special_corpus[-1]).readline())["text"]
+    assert ds[len(ds) - 5].tolist() == tok.tokenize(text) + [tok.eod]
+
+
+def test_index_writer_matches_megatron_builder_byte_for_byte(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_tempnet.data.writer import TokenFileWriter
+
+    rng = np.random.default_rng(0)
+    for n_docs in (0, 1, 7):
+        lengths = rng.integers(1, 50, n_docs)
+        tokens = rng.integers(0, 60000, int(lengths.sum())).astype(np.uint16)
+        b = IndexedDatasetBuilder(str(tmp_path / f"m{n_docs}.bin"), dtype=np.uint16)
+        for d in np.split(tokens, np.cumsum(lengths)[:-1]) if n_docs else []:
+            b.add_document(d, [d.size])
+        b.finalize(str(tmp_path / f"m{n_docs}.idx"))
+        w = TokenFileWriter(str(tmp_path / f"o{n_docs}"), np.uint16)
+        cut = int(lengths[:2].sum()) if n_docs > 2 else 0
+        w.add(tokens[:cut], lengths[: 2 if n_docs > 2 else 0])
+        w.add(tokens[cut:], lengths[2 if n_docs > 2 else 0 :])
+        files = w.finish()
+        for ext in ("bin", "idx"):
+            mine = open(tmp_path / f"o{n_docs}.{ext}.tmp", "rb").read()
+            assert mine == open(tmp_path / f"m{n_docs}.{ext}", "rb").read(), (n_docs, ext)
+            assert files[ext]["sha256"] == ix_sha(mine) and files[ext]["bytes"] == len(mine)
+        assert not (tmp_path / f"o{n_docs}.lengths.tmp").exists()
+
+
+def ix_sha(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_fast_json_path_agrees_with_parse_record():
+    from megatron_tempnet.data.inputs import RecordBatch, SkipRecord, parse_batch, parse_record
+
+    lines = BAD_LINES + [b'\xef\xbb\xbf{"text": "bom"}', b'{"text": NaN, "x": 1}', b'{"text": "x", "n": 123456789012345678901234567890}',
+                         b'{"text": "dup", "text": "last"}', b'{"text": "tab\\there \\u00e9 \\ud83d\\ude00"}', b'{"text": "a"}\r',
+                         b'{"text": "\\u0000"}', b'  {"text": "spaced"}  ', b'[' * 5000 + b']' * 5000]
+    z = np.zeros(len(lines), np.int64)
+    batch = RecordBatch(0, lines, z, z + 1, z, z, z, 0)
+    texts, recs, skips = parse_batch(batch, ["text"], [True])
+    expected_texts, expected_skips = [], []
+    for j, raw in enumerate(lines):
+        try:
+            t = parse_record(raw, True, ["text"])["text"]
+        except SkipRecord as s:
+            expected_skips.append((j, None, s.reason, s.detail))
+            continue
+        if isinstance(t, SkipRecord):
+            expected_skips.append((j, "text", t.reason, t.detail))
+        else:
+            expected_texts.append((j, t))
+    assert list(zip(recs["text"].tolist(), texts["text"])) == expected_texts
+    assert skips == expected_skips
+    assert ("dup" not in texts["text"]) and "last" in texts["text"] and "bom" not in texts["text"]

@@ -4,6 +4,7 @@ import pickle
 import random
 import shutil
 
+import numpy as np
 import pytest
 
 from megatron_tempnet.data.inputs import iter_texts
@@ -140,3 +141,34 @@ def test_hugging_face_folder(tmp_path):
     assert ids == [3 + WORDS.index("the"), 3 + WORDS.index("data"), 3 + len(WORDS) + 5]
     assert tok.detokenize(ids) == "the data w5"
     assert len(tok.sha256) == 64
+
+
+def test_byte_level_bpe_training_round_trip_and_backends(tmp_path):
+    pytest.importorskip("transformers")
+    from megatron_tempnet.data.bpe_training import train_byte_level_bpe
+
+    summary = train_byte_level_bpe(make_texts(), str(tmp_path / "bpe"), 400, special_tokens=["<|user|>"], threads=1)
+    assert 300 < summary["vocab_size"] <= 400 and not (tmp_path / "bpe.tmp").exists()  # small text: fewer merges
+    for path in (summary["model"], str(tmp_path / "bpe" / "tokenizer.json")):
+        tok = load_tokenizer(path)
+        assert tok.kind == "huggingface" and tok.vocab_size == summary["vocab_size"]
+        assert (tok.unk, tok.bos, tok.eod, tok.pad) == (0, 1, 2, 3) and tok.sha256 == summary["sha256"]
+    texts = ["def f(x):\n\treturn x  # two  spaces\n\n", "naïve café 日本 🙂 Ω\n", "  leading and trailing  "]
+    for text in texts:
+        assert tok.detokenize(tok.tokenize(text)) == text  # byte-level: nothing is unknown
+    assert 4 in tok.tokenize("a <|user|> b")  # a special token in text is that token, as in transformers
+    for backend in ("hf", "gigatoken", "auto"):
+        if backend == "gigatoken":
+            pytest.importorskip("gigatoken")
+        tokens, lengths = tok.batch_encoder(backend, threads=2).encode(texts)
+        assert [t.tolist() for t in np.split(tokens, np.cumsum(lengths)[:-1])] == tok.tokenize_batch(texts)
+
+
+def test_byte_level_bpe_errors(tmp_path):
+    from megatron_tempnet.data.bpe_training import train_byte_level_bpe
+
+    with pytest.raises(TrainError, match="too small"):
+        train_byte_level_bpe(make_texts(), str(tmp_path / "x"), 100)
+    with pytest.raises(TrainError, match="no text"):
+        train_byte_level_bpe([], str(tmp_path / "y"), 400)
+    assert not (tmp_path / "y").exists()

@@ -142,3 +142,33 @@ def test_stdlib_corpus_on_a_custom_tree(tmp_path):
     got = [json.loads(line) for line in open(tmp_path / "c.jsonl")]
     assert [d["path"] for d in got] == ["a.py", "b.py", "latin.py", "pkg/c.py"] and out["files"] == 4
     assert "name = 'é'" in got[2]["text"]  # decoded with its PEP 263 declaration
+
+
+def test_byte_bpe_tokenizer_through_the_clis(tiny, tmp_path):
+    pytest.importorskip("transformers")
+    d = tiny
+    r = tool("train_tokenizer.py", "--input", d / "std.jsonl", "--model-prefix", tmp_path / "bpe", "--vocab-size", 500,
+             "--model-type", "byte-bpe", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vocab_size"] <= 500 and (tmp_path / "bpe" / "tokenizer.json").is_file()
+    outs = {}
+    for backend in ("hf", "auto"):
+        r = tool("preprocess_data.py", "--input", d / "std.jsonl", "--tokenizer-model", tmp_path / "bpe" / "tokenizer.json",
+                 "--output-prefix", tmp_path / backend / "c", "--quiet", "--append-eod", "--workers", 2,
+                 "--tokenizer-backend", backend)
+        assert r.returncode == 0, r.stderr
+        outs[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+        assert outs[backend]["tokenizer_backend"] == ("hf" if backend == "hf" else "gigatoken")
+    assert (tmp_path / "hf" / "c_00000.bin").read_bytes() == (tmp_path / "auto" / "c_00000.bin").read_bytes()
+    r = tool("inspect_dataset.py", "--prefix", tmp_path / "hf" / "c_00000", "--doc", 0, "--max-chars", 200)
+    assert r.returncode == 0, r.stderr
+    first = json.loads(open(d / "std.jsonl").readline())["text"]
+    assert first[:100] in r.stdout  # decoded with the recorded tokenizer
+
+
+def test_backend_errors_are_one_clear_line(tiny, tmp_path):
+    d = tiny
+    r = tool("preprocess_data.py", "--input", d / "std.jsonl", "--tokenizer-model", d / "tok.model",
+             "--output-prefix", tmp_path / "x", "--tokenizer-backend", "hf")
+    assert_user_error(r, "--tokenizer-backend hf cannot run", "use sentencepiece, gigatoken or auto")
+    assert not list(tmp_path.iterdir())

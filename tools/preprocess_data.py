@@ -12,8 +12,8 @@ file) or one per line (--text-mode line). With several --json-keys, each key get
 
 Output: tokens as uint16 when the vocabulary fits (<= 65536 ids), else int32 (--dtype to force).
 Sharding: --shards N (N contiguous ranges of input records), --docs-per-shard K, or
---shard-size-mb M; the assignment depends only on the input order, so --workers never changes the
-output. The manifest <prefix>.manifest.json records inputs, tokenizer (path, sha256, vocab size),
+--shard-size-mb M; the assignment depends only on the input order, so neither --workers nor
+--tokenizer-backend changes the output. The manifest <prefix>.manifest.json records inputs, tokenizer (path, sha256, vocab size),
 dtype, counts (docs, tokens, skipped by reason) and the shards; pass it (or the shard prefixes) as
 --data-path to training.
 
@@ -42,7 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file or Hugging Face tokenizer folder")
     p.add_argument("--output-prefix", required=True, help="output path prefix: PREFIX_00000.bin/.idx ..., PREFIX.manifest.json")
     p.add_argument("--append-eod", action="store_true", help="append the tokenizer's end-of-document id to every document")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores; 1 = in-process)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (default: all cores)")
+    p.add_argument("--tokenizer-backend", choices=["auto", "sentencepiece", "hf", "gigatoken"], default="auto",
+                   help="library that encodes: auto (gigatoken when installed and it reads the model, else the "
+                        "reference: sentencepiece for .model files, hf for tokenizer.json); every backend gives "
+                        "the reference's ids, checked on the first documents")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--shards", type=int, default=None, help="split the output into N shards of contiguous input records (default 1)")
     g.add_argument("--docs-per-shard", type=int, default=None, help="a new shard every K input records")
@@ -53,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--no-verify-existing", dest="verify_existing", action="store_false", help="trust completed shards by size only (skip re-hashing)")
     p.add_argument("--log-skips", type=int, default=5, help="describe at most this many skipped records on stderr")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--chunk-records", type=int, default=256, help="records per work unit sent to a worker")
+    p.add_argument("--chunk-mb", type=float, default=2.0, help="input read, parsed and encoded per batch (MB)")
     p.add_argument("--stats-json", default=None, help="also write the run's throughput and peak RSS as JSON to this file")
     return p.parse_args(argv)
 
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         verify_existing=args.verify_existing,
         progress=not args.quiet,
         log_skips=args.log_skips,
-        chunk_records=args.chunk_records,
+        chunk_bytes=int(args.chunk_mb * 1e6),
+        tokenizer_backend=args.tokenizer_backend,
     )
     man = preprocess(cfg)
     run = man.pop("run")

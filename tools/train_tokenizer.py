@@ -1,15 +1,23 @@
 #!/usr/bin/env python
-r"""Train a sentencepiece tokenizer (BPE or unigram) from JSONL / text files, streaming.
+r"""Train a tokenizer from JSONL / text files, streaming: sentencepiece (BPE or unigram) or byte-level BPE.
 
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \
         --model-prefix out/tok --vocab-size 32000 [--model-type bpe] [--threads 8]
     # -> out/tok.model, out/tok.vocab; prints one JSON summary line
+    python tools/train_tokenizer.py --input corpus.jsonl --model-prefix out/tok --vocab-size 32000 \
+        --model-type byte-bpe
+    # -> out/tok/tokenizer.json (+ tokenizer_config.json): a Hugging Face tokenizer folder, trained with
+    #    the `tokenizers` library; byte-level BPE is the fastest format to encode
+
+Pass the .model file, or the folder, as --tokenizer-model to preprocessing and training.
 
 Ids: unk=0, bos=1, eos=2 (end of document), pad=3, then --special-tokens, --user-defined-symbols, then
 learned pieces. Text is kept verbatim (whitespace and newlines preserved: round-trips code), and byte
 fallback (on by default) spells unseen characters as bytes instead of <unk>.
 
-Large corpora: the input is streamed to sentencepiece; it keeps a random sample of at most
+byte-bpe uses the same special pieces and ids; it needs no byte fallback (every byte is a symbol).
+
+Large corpora: the input is streamed; sentencepiece it keeps a random sample of at most
 --sample-size text pieces (each at most --max-piece-bytes), and --max-input-mb stops reading early.
 """
 from __future__ import annotations
@@ -29,9 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl/.json, optionally .gz) or text files, or folders of them")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys whose text is used (default: text)")
     p.add_argument("--text-mode", choices=["file", "line"], default="file", help="plain text: one document per file or per line")
-    p.add_argument("--model-prefix", required=True, help="output path without extension: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--model-prefix", required=True, help="output path without extension: writes PREFIX.model and PREFIX.vocab (byte-bpe: the folder PREFIX/)")
     p.add_argument("--vocab-size", type=int, default=32000, help="pieces in the vocabulary, special ones included")
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
+    p.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe"], default="bpe",
+                   help="sentencepiece bpe / unigram, or byte-level BPE with Hugging Face tokenizers")
+    p.add_argument("--min-frequency", type=int, default=2, help="byte-bpe: merge only pairs seen this often")
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false", help="map unknown characters to <unk> instead of bytes")
     p.add_argument("--unk-piece", default="<unk>", help="unknown-token piece")
     p.add_argument("--bos-piece", default="<s>", help="beginning-of-sentence piece")
@@ -58,6 +68,17 @@ def main(argv=None) -> int:
     from megatron_tempnet.data.tokenizer import train_sentencepiece
 
     expand_inputs(args.input)  # fail early and clearly on missing inputs
+    if args.model_type == "byte-bpe":
+        from megatron_tempnet.data.bpe_training import train_byte_level_bpe
+
+        summary = train_byte_level_bpe(
+            iter_texts(args.input, args.json_keys, args.text_mode), args.model_prefix, args.vocab_size,
+            unk_piece=args.unk_piece, bos_piece=args.bos_piece, eos_piece=args.eos_piece, pad_piece=args.pad_piece,
+            special_tokens=args.special_tokens, user_defined_symbols=args.user_defined_symbols,
+            min_frequency=args.min_frequency, max_input_mb=args.max_input_mb, threads=args.threads,
+        )
+        print(json.dumps(summary))
+        return 0
     summary = train_sentencepiece(
         iter_texts(args.input, args.json_keys, args.text_mode),
         args.model_prefix,

@@ -1,18 +1,21 @@
-"""Tokenize a corpus into sharded Megatron indexed datasets (.bin/.idx), streaming, on all cores.
+"""Tokenize a corpus into sharded Megatron indexed datasets (.bin/.idx), streaming, at the tokenizer's speed.
 
 This is the library behind tools/preprocess_data.py; see that file for the command line.
 
-Pipeline. The main process reads raw records (inputs.py) in chunks of a few hundred records / about a
-megabyte, and hands the chunks to a pool of worker processes, which parse JSON, check UTF-8 and keys,
-and tokenize. Results come back in input order (a window of at most `workers * prefetch` chunks is in
-flight: memory is bounded whatever the corpus size) and the main process writes them through
-megatron-core's IndexedDatasetBuilder.
+Pipeline: one process, three overlapping stages. The main thread reads the input in blocks of about
+`chunk_bytes` (whole lines; inputs.iter_batches) and parses them (inputs.parse_batch: one decode and one
+json.loads per well-formed record); a second thread hands each batch's texts to the tokenizer backend
+(encoders.py), whose own threads (--workers of them) encode it while the main thread parses the next
+batch and writes the previous one. Nothing is pickled between processes, token ids stay numpy arrays
+from the tokenizer to the file, and the files are hashed while written (writer.py). At most three
+batches are alive at a time, so memory is bounded whatever the corpus size.
 
 Determinism. Which shard a document lands in depends only on its running record index in the input
 (--shards N: N contiguous ranges of records, counted in a quick pre-pass; --docs-per-shard K: every K
 records; --shard-size-mb M: a shard closes once its .bin files reach M MB), never on the number of
-workers or on timing. So the output, and the manifest, are byte-identical for any --workers, and the
-shards concatenated in order (tools/merge_datasets.py) equal the single-shard output.
+workers, the batch size or timing; and every backend gives the reference library's ids (checked on the
+first documents of every run). So the output is byte-identical for any --workers and any backend, and
+the shards concatenated in order (tools/merge_datasets.py) equal the single-shard output.
 
 Crash safety and resume. A shard is written to <prefix>.bin.tmp / <prefix>.idx.tmp, fsynced, and renamed
 into place; then <prefix>.meta.json (the done marker: fingerprint of the run's settings, record range,
@@ -25,32 +28,34 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_tempnet.data import indexed as ix
+from megatron_tempnet.data.encoders import Encoder, ParityCheck, describe, encode_checked, make_encoder, reference_encoder
 from megatron_tempnet.data.inputs import (
     STRICT_REASONS,
     InputError,
     Position,
-    SkipRecord,
+    RecordBatch,
     count_records,
     expand_inputs,
     input_fingerprint,
     is_jsonl,
-    iter_records,
-    parse_record,
+    iter_batches,
+    parse_batch,
 )
+from megatron_tempnet.data.progress import Progress
 from megatron_tempnet.data.tokenizer import load_tokenizer
+from megatron_tempnet.data.writer import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ class PreprocessConfig:
     tokenizer: str
     json_keys: List[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
-    workers: int = 0  # 0: os.cpu_count()
+    workers: int = 0  # tokenizer threads; 0: os.cpu_count()
+    tokenizer_backend: str = "auto"  # auto | sentencepiece | hf | gigatoken (encoders.py)
     shards: Optional[int] = None  # exactly one of shards / docs_per_shard / shard_size_mb; default shards=1
     docs_per_shard: Optional[int] = None
     shard_size_mb: Optional[float] = None
@@ -76,88 +82,10 @@ class PreprocessConfig:
     verify_existing: bool = True  # re-hash completed shards before trusting them
     progress: bool = True
     log_skips: int = 5  # how many skipped records to describe on stderr
-    chunk_records: int = 256
-    chunk_bytes: int = 1 << 20
-    prefetch: int = 4  # chunks in flight per worker
-
-
-# ---------------------------------------------------------------------------------------------- workers
-
-_W: dict = {}
-
-
-def _init_worker(tokenizer_path: str, tokenizer_sha: str, keys, jsonl_by_file, dtype_name: str, append_eod: bool):
-    # Never raise here: a Pool replaces a worker whose initializer fails, forever. Keep the error and
-    # raise it from the first task instead, where the main process sees it.
-    try:
-        from megatron_tempnet.data.tokenizer import load_tokenizer as _load
-
-        tok = _load(tokenizer_path)
-        if tok.sha256 != tokenizer_sha:
-            raise InputError(f"tokenizer {tokenizer_path} changed while preprocessing; do not overwrite it during a run")
-        _W.update(
-            tok=tok,
-            keys=list(keys),
-            jsonl=list(jsonl_by_file),
-            dtype=np.dtype(dtype_name),
-            eod=tok.eod if append_eod else None,
-            vocab=tok.vocab_size,
-            error=None,
-        )
-    except Exception as e:  # noqa: BLE001
-        _W["error"] = e
-
-
-def _process_chunk(chunk: List[Tuple[int, bytes]]):
-    """chunk: [(file_index, raw_bytes)] in record order. Returns, for the chunk:
-    ({key: (record_offsets int32, lengths int64, tokens dtype)}, [(record_offset, key|None, reason, detail)])."""
-    if _W.get("error") is not None:
-        raise _W["error"]
-    keys, jsonl, dtype, eod = _W["keys"], _W["jsonl"], _W["dtype"], _W["eod"]
-    texts = {k: [] for k in keys}
-    where = {k: [] for k in keys}
-    skips = []
-    for off, (fi, raw) in enumerate(chunk):
-        try:
-            parsed = parse_record(raw, jsonl[fi], keys)
-        except SkipRecord as s:
-            skips.append((off, None, s.reason, s.detail))
-            continue
-        for k in keys:
-            t = parsed[k]
-            if isinstance(t, SkipRecord):
-                skips.append((off, k, t.reason, t.detail))
-            else:
-                texts[k].append(t)
-                where[k].append(off)
-    out = {}
-    limit = np.iinfo(dtype).max
-    for k in keys:
-        ids = _W["tok"].tokenize_batch(texts[k]) if texts[k] else []
-        if eod is not None:
-            for x in ids:
-                x.append(eod)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        total = int(lengths.sum())
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
-        if total and (flat.max() > limit or flat.min() < 0):
-            raise InputError(
-                f"token id {int(flat.max())} does not fit the output dtype {dtype.name}; use --dtype int32"
-            )
-        out[k] = (np.asarray(where[k], dtype=np.int32), lengths, flat.astype(dtype, copy=False))
-    return out, skips
-
-
-def _start_method() -> str:
-    """spawn, unless the main module is a file that spawn cannot re-import (python - < script, exec)."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is not None and not os.path.isfile(path) and "fork" in mp.get_all_start_methods():
-        return "fork"
-    return "spawn"
-
-
-# ---------------------------------------------------------------------------------------------- writing
+    chunk_records: int = 1 << 20  # a batch holds at most this many records ...
+    chunk_bytes: int = 2 << 20  # ... and about this many input bytes
+    parity_docs: int = 64  # documents compared with the reference library at the start of a run ...
+    parity_bytes: int = 256 << 10  # ... and at most about this many characters of them
 
 
 def shard_prefix(output_prefix: str, keys: Sequence[str], key: str, shard: int) -> str:
@@ -166,145 +94,35 @@ def shard_prefix(output_prefix: str, keys: Sequence[str], key: str, shard: int) 
     return f"{output_prefix}_{shard:05d}"
 
 
-class _Shard:
-    """One shard being written: one IndexedDatasetBuilder per key, to .tmp names."""
-
-    def __init__(self, index: int, prefixes: Dict[str, str], dtype: np.dtype, start: Position):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.index = index
-        self.prefixes = prefixes
-        self.dtype = dtype
-        self.start = start
-        self.records = 0
-        self.bytes = 0
-        self.builders = {}
-        self.hashes = {}
-        self.counts = {k: {"docs": 0, "tokens": 0, "skipped": collections.Counter()} for k in prefixes}
-        for k, p in prefixes.items():
-            for stale in (ix.meta_path(p), p + ".bin.tmp", p + ".idx.tmp"):
-                if os.path.exists(stale):
-                    os.remove(stale)
-            self.builders[k] = IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype.type)
-            self.hashes[k] = hashlib.sha256()
-
-    def add(self, key: str, tokens: np.ndarray) -> None:
-        self.builders[key].add_document(tokens, [int(tokens.size)])
-        self.hashes[key].update(tokens)
-        c = self.counts[key]
-        c["docs"] += 1
-        c["tokens"] += int(tokens.size)
-        self.bytes += tokens.nbytes
-
-    def skip(self, key: Optional[str], reason: str) -> None:
-        for k in self.counts if key is None else (key,):
-            self.counts[k]["skipped"][reason] += 1
-
-    def abort(self) -> None:
-        for k, p in self.prefixes.items():
-            try:
-                self.builders[k].data_file.close()
-            except Exception:
-                pass
-            for t in (p + ".bin.tmp", p + ".idx.tmp"):
-                if os.path.exists(t):
-                    os.remove(t)
-
-    def finish(self, end: Position, common_meta: dict) -> dict:
-        """Finalize, fsync, rename into place, write the .meta.json done marker. Returns the shard record."""
-        datasets = {}
-        for k, p in self.prefixes.items():
-            b = self.builders[k]
-            b.finalize(p + ".idx.tmp")
-            for t in (p + ".bin.tmp", p + ".idx.tmp"):
-                with open(t, "rb") as f:
-                    os.fsync(f.fileno())
-            c = self.counts[k]
-            bin_bytes = os.path.getsize(p + ".bin.tmp")
-            if bin_bytes != c["tokens"] * self.dtype.itemsize:
-                raise RuntimeError(f"internal error: {p}.bin.tmp has {bin_bytes} bytes for {c['tokens']} tokens")
-            # .bin first, then .idx: an .idx on disk always has its complete .bin beside it
-            os.replace(p + ".bin.tmp", p + ".bin")
-            os.replace(p + ".idx.tmp", p + ".idx")
-            files = {
-                "bin": {"bytes": bin_bytes, "sha256": self.hashes[k].hexdigest()},
-                "idx": {"bytes": os.path.getsize(p + ".idx"), "sha256": ix.sha256_file(p + ".idx")},
-            }
-            counts = {"docs": c["docs"], "tokens": c["tokens"], "skipped": dict(sorted(c["skipped"].items()))}
-            meta = dict(common_meta)
-            meta.update(
-                shard=self.index,
-                key=k,
-                records={"start": self.start.to_json(), "end": end.to_json()},
-                counts=counts,
-                files=files,
-            )
-            ix.write_json_atomic(ix.meta_path(p), meta)
-            datasets[k] = {"prefix": p, "counts": counts, "files": files}
-        return {"index": self.index, "records": [self.start.record, end.record], "end": end.to_json(), "datasets": datasets}
+# ---------------------------------------------------------------------------------------------- progress
 
 
-# ---------------------------------------------------------------------------------------------- driver
+# ---------------------------------------------------------------------------------------------- the plan
 
 
-_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}{postfix}]"
+@dataclass
+class _Plan:
+    """Everything a run decides before it reads the first record."""
 
+    cfg: PreprocessConfig
+    keys: List[str]
+    files: List[str]
+    jsonl_by_file: List[bool]
+    dtype: np.dtype
+    eod: Optional[int]
+    encoder: Encoder
+    reference: Encoder
+    threads: int
+    mode: str
+    value: float
+    boundaries: Optional[List[int]]  # record index at which each shard starts (+ total), for --shards
+    settings: dict
+    fingerprint: str
+    common_meta: dict
+    out_dir: str
 
-class _Progress:
-    def __init__(self, enabled: bool, total_bytes: Optional[int]):
-        self.bar = None
-        self.t0 = time.time()
-        self.docs = 0
-        self.tokens = 0
-        self.bytes = 0
-        self._last = 0.0
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=None if total_bytes is None else round(total_bytes / 1e6, 3), unit="MB", desc="preprocess",
-                file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
-                bar_format=_BAR_FORMAT if total_bytes else "{desc}: {n:.1f} MB [{elapsed}{postfix}]",
-            )
-
-    def say(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr)
-
-    def update(self, nbytes: int, docs: int, tokens: int) -> None:
-        self.bytes += nbytes
-        self.docs += docs
-        self.tokens += tokens
-        if self.bar is None:
-            return
-        self.bar.update(nbytes / 1e6)
-        now = time.time()
-        if now - self._last >= 1.0:
-            self._last = now
-            dt = max(now - self.t0, 1e-9)
-            self.bar.set_postfix_str(
-                f"{self.docs / dt:,.0f} docs/s, {self.bytes / dt / 1e6:,.1f} MB/s, {self.tokens / dt:,.0f} tok/s",
-                refresh=False,
-            )
-
-    def close(self, success: bool = False) -> dict:
-        if self.bar is not None:
-            if success and self.bar.total:
-                self.bar.n = self.bar.total
-                self.bar.refresh()
-            self.bar.close()
-        dt = max(time.time() - self.t0, 1e-9)
-        return {
-            "seconds": round(dt, 3),
-            "docs": self.docs,
-            "tokens": self.tokens,
-            "input_bytes": self.bytes,
-            "docs_per_s": round(self.docs / dt, 1),
-            "mb_per_s": round(self.bytes / dt / 1e6, 3),
-            "tokens_per_s": round(self.tokens / dt, 1),
-        }
+    def prefixes(self, k: int) -> Dict[str, str]:
+        return {key: shard_prefix(self.cfg.output_prefix, self.keys, key, k) for key in self.keys}
 
 
 def _resolve_dtype(name: str, vocab_size: int) -> np.dtype:
@@ -325,39 +143,29 @@ def _sharding(cfg: PreprocessConfig) -> Tuple[str, float]:
     return mode, value
 
 
-def _relpath(p: str, start: str) -> str:
-    return os.path.relpath(os.path.abspath(p), start)
+def _shard_boundaries(files: Sequence[str], text_mode: str, n: int) -> List[int]:
+    total = sum(count_records(f, text_mode) for f in files)
+    if n > max(1, total):
+        logger.warning("--shards %d is more than the %d input records; using %d shards", n, total, max(1, total))
+        n = max(1, total)
+    return [k * total // n for k in range(n + 1)]
 
 
-def preprocess(cfg: PreprocessConfig) -> dict:
-    """Run the pipeline; returns the manifest (also written to <output_prefix>.manifest.json), with the
-    run's throughput under the extra key "run" (not written to disk: the manifest stays deterministic)."""
+def _plan(cfg: PreprocessConfig, say: Callable[[str], None]) -> _Plan:
+    """Check every option and input before any work (clear errors first), and fix the run's settings."""
     tok = load_tokenizer(cfg.tokenizer)
     dtype = _resolve_dtype(cfg.dtype, tok.vocab_size)
     keys = list(cfg.json_keys)
     if not keys or len(set(keys)) != len(keys):
         raise InputError(f"--json-keys must be distinct key names (got {keys})")
-    if cfg.append_eod:
-        tok.eod  # noqa: B018  (raises a clear error for a tokenizer without eos)
+    eod = tok.eod if cfg.append_eod else None  # raises a clear error for a tokenizer without eos
     files = expand_inputs(cfg.inputs)
-    jsonl_by_file = [is_jsonl(f) for f in files]
     mode, value = _sharding(cfg)
-    workers = cfg.workers if cfg.workers and cfg.workers > 0 else (os.cpu_count() or 1)
-    out = cfg.output_prefix
-    out_dir = os.path.dirname(os.path.abspath(out))
+    threads = cfg.workers if cfg.workers and cfg.workers > 0 else (os.cpu_count() or 1)
+    encoder = make_encoder(tok, cfg.tokenizer_backend, threads, say)
+    reference = encoder if encoder.name == ("sentencepiece" if tok.kind == "sentencepiece" else "hf") else reference_encoder(tok, threads)
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    manifest_file = out + ix.MANIFEST_SUFFIX
-
-    boundaries = None  # record index at which each shard starts (+ total), for --shards / --docs-per-shard
-    total_records = None
-    if mode == "shards":
-        total_records = sum(count_records(f, cfg.text_mode) for f in files)
-        n = int(value)
-        if n > max(1, total_records):
-            logger.warning("--shards %d is more than the %d input records; using %d shards", n, total_records, max(1, total_records))
-            n = max(1, total_records)
-        boundaries = [k * total_records // n for k in range(n + 1)]
-
     tok_info = tok.info()
     settings = {
         "format": FORMAT,
@@ -370,9 +178,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "sharding": {"mode": mode, "value": value},
         "tokenizer": tok_info,
     }
-    fingerprint = hashlib.sha256(
-        json.dumps({**settings, "tokenizer": tok_info["sha256"]}, sort_keys=True).encode()
-    ).hexdigest()
+    # the backend is not part of the fingerprint: every backend writes the same bytes
+    fingerprint = hashlib.sha256(json.dumps({**settings, "tokenizer": tok_info["sha256"]}, sort_keys=True).encode()).hexdigest()
     common_meta = {
         "format": "megatron-tempnet-dataset",
         "version": 1,
@@ -382,248 +189,291 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "dtype": dtype.name,
         "append_eod": bool(cfg.append_eod),
     }
+    return _Plan(
+        cfg=cfg, keys=keys, files=files, jsonl_by_file=[is_jsonl(f) for f in files], dtype=dtype, eod=eod,
+        encoder=encoder, reference=reference, threads=threads, mode=mode, value=value,
+        boundaries=_shard_boundaries(files, cfg.text_mode, int(value)) if mode == "shards" else None,
+        settings=settings, fingerprint=fingerprint, common_meta=common_meta, out_dir=out_dir,
+    )
 
-    def prefixes_of(k: int) -> Dict[str, str]:
-        return {key: shard_prefix(out, keys, key, k) for key in keys}
 
-    # ---- resume: keep the leading run of shards whose done markers match their files
+# ---------------------------------------------------------------------------------------------- resume and manifest
+
+
+def _completed_shards(plan: _Plan) -> List[dict]:
+    """The leading run of shards whose done markers match this run's settings and their files."""
     done: List[dict] = []
     k = 0
-    while not cfg.force:
-        if boundaries is not None and k >= len(boundaries) - 1:
+    while not plan.cfg.force:
+        if plan.boundaries is not None and k >= len(plan.boundaries) - 1:
             break
-        entry = {"index": k, "datasets": {}}
-        ok = True
-        for key, p in prefixes_of(k).items():
+        entry: dict = {"index": k, "datasets": {}}
+        for key, p in plan.prefixes(k).items():
             meta = ix.read_meta(p)
-            if not meta or meta.get("fingerprint") != fingerprint or meta.get("shard") != k:
-                ok = False
-                break
-            if not ix.meta_matches_files(meta, p, verify_checksums=cfg.verify_existing):
-                ok = False
-                break
+            if not meta or meta.get("fingerprint") != plan.fingerprint or meta.get("shard") != k:
+                return done
+            if not ix.meta_matches_files(meta, p, verify_checksums=plan.cfg.verify_existing):
+                return done
             entry["datasets"][key] = {"prefix": p, "counts": meta["counts"], "files": meta["files"]}
             entry["records"] = [meta["records"]["start"]["record"], meta["records"]["end"]["record"]]
             entry["end"] = meta["records"]["end"]
-        if not ok:
-            break
         if done and entry["records"][0] != done[-1]["records"][1]:
-            break
+            return done
         done.append(entry)
         k += 1
+    return done
+
+
+def _relpath(p: str, start: str) -> str:
+    return os.path.relpath(os.path.abspath(p), start)
+
+
+def _counts(keys: Sequence[str], done: List[dict]) -> dict:
+    per_key = {}
+    for key in keys:
+        sk: collections.Counter = collections.Counter()
+        docs = toks = 0
+        for s in done:
+            c = s["datasets"][key]["counts"]
+            docs += c["docs"]
+            toks += c["tokens"]
+            sk.update(c["skipped"])
+        per_key[key] = {"docs": docs, "tokens": toks, "skipped": dict(sorted(sk.items()))}
+    total_sk: collections.Counter = collections.Counter()
+    for v in per_key.values():
+        total_sk.update(v["skipped"])
+    counts = {
+        "records": done[-1]["records"][1] if done else 0,
+        "docs": sum(v["docs"] for v in per_key.values()),
+        "tokens": sum(v["tokens"] for v in per_key.values()),
+        "skipped": dict(sorted(total_sk.items())),
+    }
+    if len(keys) > 1:
+        counts["per_key"] = per_key
+    return counts
+
+
+def _write_manifest(plan: _Plan, done: List[dict], complete: bool) -> dict:
+    out_dir = plan.out_dir
+    man = dict(plan.settings)
+    man.update(
+        encoding=describe(plan.encoder, plan.reference),
+        complete=complete,
+        fingerprint=plan.fingerprint,
+        counts=_counts(plan.keys, done),
+        prefixes={key: [_relpath(s["datasets"][key]["prefix"], out_dir) for s in done] for key in plan.keys},
+        shards=[
+            {
+                "index": s["index"],
+                "records": s["records"],
+                "datasets": {
+                    key: {
+                        "prefix": _relpath(d["prefix"], out_dir),
+                        "docs": d["counts"]["docs"],
+                        "tokens": d["counts"]["tokens"],
+                        "bin_bytes": d["files"]["bin"]["bytes"],
+                        "bin_sha256": d["files"]["bin"]["sha256"],
+                        "idx_sha256": d["files"]["idx"]["sha256"],
+                    }
+                    for key, d in s["datasets"].items()
+                },
+            }
+            for s in done
+        ],
+    )
+    ix.write_json_atomic(plan.cfg.output_prefix + ix.MANIFEST_SUFFIX, man)
+    return man
+
+
+def _remove_shards_from(plan: _Plan, j: int) -> None:
+    """Remove our shards (those with a .meta.json marker) from index j on: leftovers of another run."""
+    while True:
+        ps = plan.prefixes(j)
+        if not any(os.path.exists(ix.meta_path(p)) for p in ps.values()):
+            return
+        for p in ps.values():
+            for f in (ix.meta_path(p), p + ".idx", p + ".bin"):  # marker first: never a marker without data
+                if os.path.exists(f):
+                    os.remove(f)
+        j += 1
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+_Encoded = Dict[str, Tuple[np.ndarray, np.ndarray]]  # key -> (tokens in the output dtype, lengths int64)
+
+
+def _encode_batch(plan: _Plan, parity: ParityCheck, batch: RecordBatch, texts: dict, recs: dict, say) -> _Encoded:
+    """Tokenize one batch's texts (runs on the encoding thread), check parity, append EOD, cast."""
+    out = {}
+    limit = np.iinfo(plan.dtype).max
+    for key in plan.keys:
+        tokens, lengths = encode_checked(plan.encoder, plan.reference, texts[key], say) if texts[key] else (
+            np.zeros(0, np.int64), np.zeros(0, np.int64))
+        parity.check(texts[key], tokens, lengths, lambda i: batch.where(plan.files, int(recs[key][i])))
+        if tokens.size and (int(tokens.max()) > limit or int(tokens.min()) < 0):
+            raise InputError(f"token id {int(tokens.max())} does not fit the output dtype {plan.dtype.name}; use --dtype int32")
+        if plan.eod is not None and lengths.size:
+            tokens = np.insert(tokens, np.cumsum(lengths), plan.eod)
+            lengths = lengths + 1
+        out[key] = (tokens.astype(plan.dtype, copy=False), lengths)
+    return out
+
+
+def _encoded_batches(plan: _Plan, parity: ParityCheck, start: Position, say) -> Iterator[Tuple[RecordBatch, dict, list, _Encoded]]:
+    """(batch, record offsets per key, skips, encoded) in input order. While the consumer writes batch i,
+    batch i+1 is being encoded; batch i+2 is read, parsed and queued before that encode ends, so the
+    tokenizer's threads never wait for the main thread."""
+    cfg = plan.cfg
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        for batch in iter_batches(plan.files, cfg.text_mode, start, cfg.chunk_bytes, cfg.chunk_records):
+            texts, recs, skips = parse_batch(batch, plan.keys, plan.jsonl_by_file)
+            fut = pool.submit(_encode_batch, plan, parity, batch, texts, recs, say)
+            if pending is not None:
+                yield pending[0], pending[1], pending[2], pending[3].result()
+            pending = (batch, recs, skips, fut)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2], pending[3].result()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _ShardSequence:
+    """Writes encoded batches into consecutive shards, closing each where the sharding rule says."""
+
+    def __init__(self, plan: _Plan, done: List[dict], start: Position, prog: Progress):
+        self.plan, self.done, self.prog = plan, done, prog
+        self.shard = Shard(len(done), plan.prefixes(len(done)), plan.dtype, start)
+        self.last_end = start
+        self.skips_logged = 0
+
+    def _roll(self) -> None:
+        self.done.append(self.shard.finish(self.last_end, self.plan.common_meta))
+        _write_manifest(self.plan, self.done, False)
+        self.shard = Shard(self.shard.index + 1, self.plan.prefixes(self.shard.index + 1), self.plan.dtype, self.last_end)
+
+    def _close_at_boundary(self, batch: RecordBatch, pos: int) -> None:
+        b = self.plan.boundaries
+        while b is not None and batch.first + pos >= b[self.shard.index + 1]:
+            if self.shard.index + 1 >= len(b) - 1:
+                raise InputError(
+                    f"the inputs have more records than the {b[-1]} counted at the start: "
+                    f"{batch.where(self.plan.files, pos)} is past the end; an input changed during preprocessing; "
+                    f"rerun when the inputs are final"
+                )
+            self._roll()
+
+    def _segment_end(self, batch: RecordBatch, pos: int, record_bytes: Optional[np.ndarray]) -> int:
+        """The record offset (exclusive) at which the current shard must close, or len(batch)."""
+        plan, n = self.plan, len(batch)
+        if plan.mode == "shards":
+            return min(n, plan.boundaries[self.shard.index + 1] - batch.first)
+        if plan.mode == "docs_per_shard":
+            return min(n, pos + int(plan.value) - self.shard.records)
+        reached = np.nonzero(self.shard.bytes + np.cumsum(record_bytes[pos:]) >= plan.value * 1e6)[0]
+        return pos + int(reached[0]) + 1 if reached.size else n
+
+    def _skip(self, batch: RecordBatch, j: int, key: Optional[str], reason: str, detail: str) -> None:
+        where = batch.where(self.plan.files, j)
+        if self.plan.cfg.strict and reason in STRICT_REASONS:
+            raise InputError(
+                f"{where}: {reason.replace('_', ' ')}{' (' + detail + ')' if detail else ''}"
+                f"{' for key ' + repr(key) if key else ''}; fix this record, or run without "
+                f"--strict to skip (and count) such records"
+            )
+        self.shard.skip(key, reason)
+        if reason != "blank_line" and self.skips_logged < self.plan.cfg.log_skips:
+            self.skips_logged += 1
+            self.prog.say(f"[preprocess] skipped {where}: {reason}{' (' + detail + ')' if detail else ''}"
+                          f"{' [key ' + repr(key) + ']' if key else ''}")
+
+    def feed(self, batch: RecordBatch, recs: dict, skips: list, encoded: _Encoded) -> None:
+        """Write one batch: its documents, skips and shard closings, in record order."""
+        plan, n = self.plan, len(batch)
+        starts = {k: np.concatenate([[0], np.cumsum(encoded[k][1])]) for k in plan.keys}
+        record_bytes = None
+        if plan.mode == "shard_size_mb":
+            record_bytes = sum(np.bincount(recs[k], weights=encoded[k][1], minlength=n) for k in plan.keys) * plan.dtype.itemsize
+        skip_at = np.asarray([s[0] for s in skips], dtype=np.int64)
+        pos = docs = tokens = 0
+        while pos < n:
+            self._close_at_boundary(batch, pos)
+            end = self._segment_end(batch, pos, record_bytes)
+            for s in skips[np.searchsorted(skip_at, pos) : np.searchsorted(skip_at, end)]:
+                self._skip(batch, *s)  # record order; a --strict error stops before anything after it is written
+            for k in plan.keys:
+                d0, d1 = np.searchsorted(recs[k], [pos, end])
+                if d1 > d0:
+                    self.shard.add(k, encoded[k][0][starts[k][d0] : starts[k][d1]], encoded[k][1][d0:d1])
+                    docs += int(d1 - d0)
+                    tokens += int(starts[k][d1] - starts[k][d0])
+            self.shard.records += end - pos
+            self.last_end = batch.end(end - 1)
+            pos = end
+            if (plan.mode == "docs_per_shard" and self.shard.records >= plan.value) or (
+                plan.mode == "shard_size_mb" and self.shard.bytes >= plan.value * 1e6
+            ):
+                self._roll()
+        self.prog.update(batch.nbytes, docs, tokens)
+
+    def close(self) -> None:
+        """Finish the last shard(s): with --shards N, every shard exists even if its range is empty."""
+        b = self.plan.boundaries
+        if b is not None:
+            while self.shard.index + 1 < len(b) - 1:
+                self._roll()
+            self.done.append(self.shard.finish(self.last_end, self.plan.common_meta))
+        elif self.shard.records > 0 or not self.done:
+            self.done.append(self.shard.finish(self.last_end, self.plan.common_meta))
+        else:
+            self.shard.abort()
+        self.shard = None
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the pipeline; returns the manifest (also written to <output_prefix>.manifest.json), with the
+    run's throughput under the extra key "run" (not written to disk: the manifest stays deterministic)."""
+    t0 = time.time()
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (until the progress bar exists)
+    plan = _plan(cfg, say)
+    done = _completed_shards(plan)
     if done:
         logger.info("resuming after %d complete shard(s) (records 0..%d)", len(done), done[-1]["records"][1])
-        print(f"[preprocess] {len(done)} shard(s) already complete; resuming at record {done[-1]['records'][1]}", file=sys.stderr)
-
-    def write_manifest(complete: bool) -> dict:
-        prefixes = {key: [_relpath(s["datasets"][key]["prefix"], out_dir) for s in done] for key in keys}
-        per_key = {}
-        for key in keys:
-            sk = collections.Counter()
-            docs = toks = 0
-            for s in done:
-                c = s["datasets"][key]["counts"]
-                docs += c["docs"]
-                toks += c["tokens"]
-                sk.update(c["skipped"])
-            per_key[key] = {"docs": docs, "tokens": toks, "skipped": dict(sorted(sk.items()))}
-        total_sk = collections.Counter()
-        for v in per_key.values():
-            total_sk.update(v["skipped"])
-        counts = {
-            "records": done[-1]["records"][1] if done else 0,
-            "docs": sum(v["docs"] for v in per_key.values()),
-            "tokens": sum(v["tokens"] for v in per_key.values()),
-            "skipped": dict(sorted(total_sk.items())),
-        }
-        if len(keys) > 1:
-            counts["per_key"] = per_key
-        man = dict(settings)
-        man.update(
-            complete=complete,
-            fingerprint=fingerprint,
-            counts=counts,
-            prefixes=prefixes,
-            shards=[
-                {
-                    "index": s["index"],
-                    "records": s["records"],
-                    "datasets": {
-                        key: {
-                            "prefix": _relpath(d["prefix"], out_dir),
-                            "docs": d["counts"]["docs"],
-                            "tokens": d["counts"]["tokens"],
-                            "bin_bytes": d["files"]["bin"]["bytes"],
-                            "bin_sha256": d["files"]["bin"]["sha256"],
-                            "idx_sha256": d["files"]["idx"]["sha256"],
-                        }
-                        for key, d in s["datasets"].items()
-                    },
-                }
-                for s in done
-            ],
-        )
-        ix.write_json_atomic(manifest_file, man)
-        return man
-
+        say(f"[preprocess] {len(done)} shard(s) already complete; resuming at record {done[-1]['records'][1]}")
+    else:
+        _remove_shards_from(plan, 0)  # a fresh run: an earlier run's shards must not mix with the new ones
     start = Position.from_json(done[-1]["end"]) if done else Position()
     first_shard = len(done)
-    finished_all = boundaries is not None and first_shard >= len(boundaries) - 1
-    def remove_shards_from(j: int) -> None:
-        """Remove our shards (those with a .meta.json marker) from index j on: leftovers of another run."""
-        while True:
-            ps = prefixes_of(j)
-            if not any(os.path.exists(ix.meta_path(p)) for p in ps.values()):
-                return
-            for p in ps.values():
-                for f in (ix.meta_path(p), p + ".idx", p + ".bin"):  # marker first: never a marker without data
-                    if os.path.exists(f):
-                        os.remove(f)
-            j += 1
-
-    if not done:
-        remove_shards_from(0)  # a fresh run: an earlier run's shards must not mix with the new ones
-
-    progress_stats = None
-    total_bytes = sum(os.path.getsize(f) for f in files) if not any(f.endswith(".gz") for f in files) else None
+    finished_all = plan.boundaries is not None and first_shard >= len(plan.boundaries) - 1
+    files = plan.files
+    total_bytes = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
     if total_bytes is not None and start.record:
         total_bytes = max(0, total_bytes - sum(os.path.getsize(f) for f in files[: start.file]) - start.offset)
-    skips_logged = 0
+    parity = ParityCheck(plan.encoder, plan.reference, docs=cfg.parity_docs, max_bytes=cfg.parity_bytes)
+    prog = Progress(cfg.progress and not finished_all, total_bytes, t0)
+    writer: Optional[_ShardSequence] = None
     success = False
-    shard: Optional[_Shard] = None
-    pool = None
-    prog = None
     try:
         if not finished_all:
-            init_args = (tok.path, tok.sha256, keys, jsonl_by_file, dtype.name, cfg.append_eod)
-            if workers > 1:
-                # spawn: light workers that never import torch / megatron. Started before this process
-                # imports megatron-core (in _Shard), so they do not even inherit its memory at fork time.
-                ctx = mp.get_context(_start_method())
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
-            else:
-                _init_worker(*init_args)
-            shard = _Shard(first_shard, prefixes_of(first_shard), dtype, start)
-        prog = _Progress(cfg.progress and not finished_all, total_bytes)
-        if not finished_all:
-
-            def chunks():
-                recs, meta, nbytes = [], [], 0
-                for rec in iter_records(files, cfg.text_mode, start):
-                    recs.append((rec.file, rec.raw))
-                    meta.append(rec)
-                    nbytes += rec.nbytes
-                    if len(recs) >= cfg.chunk_records or nbytes >= cfg.chunk_bytes:
-                        yield recs, meta, nbytes
-                        recs, meta, nbytes = [], [], 0
-                if recs:
-                    yield recs, meta, nbytes
-
-            def results():
-                if pool is None:
-                    for recs, meta, nbytes in chunks():
-                        yield _process_chunk(recs), meta, nbytes
-                    return
-                window = collections.deque()
-                limit = workers * max(1, cfg.prefetch)
-                for recs, meta, nbytes in chunks():
-                    window.append((pool.apply_async(_process_chunk, (recs,)), meta, nbytes))
-                    if len(window) >= limit:
-                        r, m, n = window.popleft()
-                        yield r.get(), m, n
-                while window:
-                    r, m, n = window.popleft()
-                    yield r.get(), m, n
-
-            last_end = start
-            for (kept, skips), meta, nbytes in results():
-                # merge kept documents and skips back into record order
-                events = collections.defaultdict(list)
-                for key, (offs, lengths, toks) in kept.items():
-                    pos = np.concatenate([[0], np.cumsum(lengths)])
-                    for i, off in enumerate(offs.tolist()):
-                        events[off].append((key, toks[pos[i] : pos[i + 1]]))
-                for off, key, reason, detail in skips:
-                    events[off].append((key, SkipRecord(reason, detail)))
-                chunk_docs = chunk_tokens = 0
-                for off, rec in enumerate(meta):
-                    if boundaries is not None:
-                        while rec.index >= boundaries[shard.index + 1]:
-                            if shard.index + 1 >= len(boundaries) - 1:
-                                raise InputError(
-                                    f"the inputs have more records than the {boundaries[-1]} counted at the start: "
-                                    f"{files[rec.file]} changed during preprocessing; rerun when the inputs are final"
-                                )
-                            done.append(shard.finish(last_end, common_meta))
-                            write_manifest(False)
-                            shard = _Shard(shard.index + 1, prefixes_of(shard.index + 1), dtype, last_end)
-                    evs = events.get(off, ())
-                    # record-level skips come with key None; order keys as given
-                    for key, item in sorted(evs, key=lambda e: -1 if e[0] is None else keys.index(e[0])):
-                        if isinstance(item, SkipRecord):
-                            where = f"{files[rec.file]}:{rec.line}" if rec.line else files[rec.file]
-                            if cfg.strict and item.reason in STRICT_REASONS:
-                                raise InputError(
-                                    f"{where}: {item.reason.replace('_', ' ')}"
-                                    f"{' (' + item.detail + ')' if item.detail else ''}"
-                                    f"{' for key ' + repr(key) if key else ''}; fix this record, or run without "
-                                    f"--strict to skip (and count) such records"
-                                )
-                            shard.skip(key, item.reason)
-                            if item.reason != "blank_line" and skips_logged < cfg.log_skips:
-                                skips_logged += 1
-                                msg = f"[preprocess] skipped {where}: {item.reason}"
-                                if item.detail:
-                                    msg += f" ({item.detail})"
-                                if key:
-                                    msg += f" [key {key!r}]"
-                                prog.say(msg)
-                        else:
-                            shard.add(key, item)
-                            chunk_docs += 1
-                            chunk_tokens += int(item.size)
-                    shard.records += 1
-                    last_end = rec.end
-                    if mode == "docs_per_shard" and shard.records >= value:
-                        done.append(shard.finish(last_end, common_meta))
-                        write_manifest(False)
-                        shard = _Shard(shard.index + 1, prefixes_of(shard.index + 1), dtype, last_end)
-                    elif mode == "shard_size_mb" and shard.bytes >= value * 1e6:
-                        done.append(shard.finish(last_end, common_meta))
-                        write_manifest(False)
-                        shard = _Shard(shard.index + 1, prefixes_of(shard.index + 1), dtype, last_end)
-                prog.update(nbytes, chunk_docs, chunk_tokens)
-
-            # close the last shard(s)
-            if boundaries is not None:
-                while True:
-                    done.append(shard.finish(last_end, common_meta))
-                    if shard.index + 1 >= len(boundaries) - 1:
-                        shard = None
-                        break
-                    write_manifest(False)
-                    shard = _Shard(shard.index + 1, prefixes_of(shard.index + 1), dtype, last_end)
-            elif shard.records > 0 or not done:
-                done.append(shard.finish(last_end, common_meta))
-                shard = None
-            else:
-                shard.abort()
-                shard = None
-            if pool is not None:
-                pool.close()
-                pool.join()
-                pool = None
+            writer = _ShardSequence(plan, done, start, prog)
+            for batch, recs, skips, encoded in _encoded_batches(plan, parity, start, prog.say):
+                writer.feed(batch, recs, skips, encoded)
+            writer.close()
         success = True
     finally:
-        progress_stats = prog.close(success) if prog is not None else {}
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if shard is not None:
-            shard.abort()
+        stats = prog.close(success)
+        if writer is not None and writer.shard is not None:
+            writer.shard.abort()
             if done:
-                write_manifest(False)
-    remove_shards_from(len(done))
-    man = write_manifest(True)
-    man["run"] = dict(progress_stats, workers=workers, resumed_shards=first_shard)
+                _write_manifest(plan, done, False)
+    _remove_shards_from(plan, len(done))
+    man = _write_manifest(plan, done, True)
+    man["run"] = dict(stats, workers=plan.threads, resumed_shards=first_shard, tokenizer_backend=plan.encoder.name,
+                      parity_checked_docs=parity.checked)
     return man

@@ -1,7 +1,8 @@
 """Tokenizers with the interface megatron-core's GPTDataset (and our tools) need.
 
     tok = load_tokenizer("tok.model")          # sentencepiece model file
-    tok = load_tokenizer("path/to/hf_folder")  # Hugging Face tokenizer folder (needs transformers)
+    tok = load_tokenizer("path/to/hf_folder")  # Hugging Face tokenizer folder (needs transformers), e.g.
+                                               # from tools/train_tokenizer.py --model-type byte-bpe
     ids = tok.tokenize("def f(x):\\n    return x\\n")
     text = tok.detokenize(ids)
 
@@ -14,6 +15,7 @@ Every tokenizer has:
     sha256              stable content hash of the model file (or of the tokenizer folder's files)
     path                where it was loaded from
     tokenize(text) -> list[int]; tokenize_batch(texts) -> list[list[int]]; detokenize(ids) -> str
+    batch_encoder(backend, threads) an encoders.Encoder (numpy ids, a faster backend) for large batches
 
 Tokenizer objects pickle by path + hash (the file is reloaded, and checked, on unpickling).
 """
@@ -133,6 +135,13 @@ class _TokenizerBase:
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.tokenize(t) for t in texts]
+
+    def batch_encoder(self, backend: str = "auto", threads: int = 1):
+        """An encoders.Encoder for this tokenizer: encode(texts) -> (tokens, lengths) numpy arrays, with
+        the reference library's ids whatever the backend (auto | sentencepiece | hf | gigatoken)."""
+        from megatron_tempnet.data.encoders import make_encoder
+
+        return make_encoder(self, backend, threads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
@@ -256,8 +265,10 @@ Tokenizer = _TokenizerBase
 
 
 def load_tokenizer(path: str | os.PathLike) -> _TokenizerBase:
-    """A sentencepiece .model file -> SentencePieceTokenizer; a folder -> HFTokenizer."""
+    """A sentencepiece .model file -> SentencePieceTokenizer; a folder (or its tokenizer.json) -> HFTokenizer."""
     p = Path(path)
+    if p.name == "tokenizer.json" and p.is_file():
+        p = p.parent  # the folder holds the special-token settings beside it
     if p.is_dir():
         if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
             return HFTokenizer(p)
@@ -343,6 +354,7 @@ def train_sentencepiece(
     pieces. `max_input_mb` stops reading after that many MB of text (for corpora too large to scan).
     Returns a summary dict (model path, vocab size, pieces and bytes read, seconds).
     """
+    # Over 100 lines: one trainer call with sentencepiece's many options and the translation of its errors.
     import io
     import time
 
