@@ -125,8 +125,9 @@ def _eval_against_loss_path(s):
     cfg = ta.arm_config("tempnet_tau_ce", 5, s, MOCK)
     model, _, _ = setup_run(cfg)
     chunk = model[0]
-    with torch.no_grad():  # spread the temperatures so that tau matters per token
+    with torch.no_grad():  # spread the temperatures, from the middle of the range, so that tau matters per token
         chunk.module.tempnet.last.weight.normal_(0, 30.0)
+        chunk.module.tempnet.last.bias.zero_()
     windows = ta.heldout_windows(MOCK, cfg.model.seq_length, cfg.model.vocab_size)
     got = ta.heldout_metrics(chunk, windows, cfg.model.vocab_size, micro_batch_size=8)
     s_len = windows.size(1) - 1
