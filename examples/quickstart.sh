@@ -16,6 +16,7 @@ out="${QUICKSTART_DIR:-runs/quickstart}"
 iters="${QUICKSTART_ITERS:-300}"
 tempnet_iters="${QUICKSTART_TEMPNET_ITERS:-200}"
 port="${MASTER_PORT:-29517}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread per rank on 2 cores (torchrun's default, said without its banner)
 mkdir -p "$out"
 data=(--data-path "$out/data/stdlib.manifest.json" --tokenizer-model "$out/tok.model" --data-cache-path "$out/index-cache")
 
