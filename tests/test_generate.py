@@ -132,3 +132,19 @@ def test_generate_cli_errors_name_the_fix(trained, tmp_path):
     long = _run(["-m", "megatron_tempnet.generate", "--load", str(trained / "ckpt"), "--prompt-ids", "1 2 3",
                  "--max-new-tokens", "40"])
     assert long.returncode == 2 and "exceeds the model's 32 positions" in long.stderr
+
+
+@pytest.mark.slow
+def test_generate_ignores_a_master_port_in_use(trained):
+    """A lone generation process picks its own free port: the shell of a training job (or a test process) may
+    export a MASTER_PORT that a live process group listens on."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(busy.getsockname()[1]))
+        proc = subprocess.run([sys.executable, "-m", "megatron_tempnet.generate", "--load", str(trained / "ckpt"),
+                               "--prompt-ids", "5 6 7", "--max-new-tokens", "2", "--json"], capture_output=True,
+                              text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

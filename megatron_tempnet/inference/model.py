@@ -68,7 +68,9 @@ def ensure_single_process_group(seed: int = 1234) -> None:
         from ..data.cli import quiet_megatron_import_warnings
 
         quiet_megatron_import_warnings()
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a lone process: platform picks it a free port
+        # a lone process: platform picks it a free port; a MASTER_PORT left in the environment (by the shell of a
+        # training job, or a parent process's own group) may well be in use
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
     platform.init_distributed(1, 1, seed=seed)
 
