@@ -4,7 +4,7 @@
 # the frozen LM with the DRO loss (the TempNet recipe, README), print a sample with each token's temperature,
 # write it shaded by temperature (HTML and PNG), leave TensorBoard logs.
 #
-#   bash examples/quickstart.sh                                        # ~12 minutes on 2 CPU cores
+#   bash examples/quickstart.sh                                        # under 10 minutes on 2 CPU cores
 #   QUICKSTART_ITERS=100 QUICKSTART_TEMPNET_ITERS=60 bash examples/quickstart.sh   # shorter
 #
 # Everything goes to runs/quickstart/ (QUICKSTART_DIR; reruns reuse the corpus, tokenizer and shards).
