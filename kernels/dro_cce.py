@@ -44,6 +44,7 @@ Tensor-parallel gradient convention (same as megatron-core's ColumnParallelLinea
 * the gradient for ``weight`` is local to the shard (padded rows get zero gradient);
 * the gradient for ``tau`` is the full value, identical on every rank, as is the returned loss.
 """
+# Over 500 lines: one fused loss's forward, backward, TP combination and chunked torch twin, which must change together.
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@ error (with a suggestion), never silently ignored.
 
 `validate(cfg, world_size)` refuses impossible combinations before any rank does work.
 """
+# Over 500 lines: the one config tree with its parser and its combination checks (the per-field table is config_fields.py).
 from __future__ import annotations
 
 import argparse
