@@ -383,19 +383,27 @@ def test_tensor_parallel_equals_single_rank(tmp_path):
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+GPU_VOCAB = 5003  # padded to 5120: the last tiles are part padding
+
+
+def gpu_problem(n: int, dtype):
+    """hidden [n, 256], weight [5120, 256] (dtype), targets [n] with every 17th ignored, tau [n], upstream grad [n]."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = (torch.randn(n, 256, device="cuda", generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(5120, 256, device="cuda", generator=g) * 0.1).to(dtype)
+    targets = torch.randint(0, GPU_VOCAB, (n,), device="cuda", generator=g)
+    targets[::17] = IGNORE
+    tau = 0.3 + 2 * torch.rand(n, device="cuda", generator=g)
+    return hidden, weight, targets, tau, torch.randn(n, device="cuda", generator=g)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_compiled_matches_torch_path_on_gpu(dtype):
     pytest.importorskip("triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    N, V, V_pad, D = 1000, 5003, 5120, 256
-    hidden = (torch.randn(N, D, device="cuda", generator=g) * 0.5).to(dtype)
-    weight = (torch.randn(V_pad, D, device="cuda", generator=g) * 0.1).to(dtype)
-    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
-    targets[::17] = IGNORE
-    tau = 0.3 + 2 * torch.rand(N, device="cuda", generator=g)
-    up = torch.randn(N, device="cuda", generator=g)
+    V = GPU_VOCAB
+    hidden, weight, targets, tau, up = gpu_problem(1000, dtype)
     outs = {}
     for impl in ("torch", "triton"):
         outs[impl] = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype, impl=impl)
@@ -504,14 +512,8 @@ def test_bad_backward_memory_is_refused(bad):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_backward_within_a_memory_budget_on_gpu(dtype):
     """The 16-bit tensor-core path of the token-block backward against the default backward and float64."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    N, V, V_pad, D = 4096, 5003, 5120, 256
-    hidden = (torch.randn(N, D, device="cuda", generator=g) * 0.5).to(dtype)
-    weight = (torch.randn(V_pad, D, device="cuda", generator=g) * 0.1).to(dtype)
-    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
-    targets[::17] = IGNORE
-    tau = 0.3 + 2 * torch.rand(N, device="cuda", generator=g)
-    up = torch.randn(N, device="cuda", generator=g)
+    V = GPU_VOCAB
+    hidden, weight, targets, tau, up = gpu_problem(4096, dtype)
     ref = run_reference(hidden.cpu().double(), weight.cpu().double(), targets.cpu(), tau.cpu(), 0.5, V, up.cpu())
     default = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype)
     small = run_fused(hidden, weight, targets, tau, 0.5, V, up, dtype=dtype, backward_memory=2**22)  # 4 MiB: 64-token blocks
