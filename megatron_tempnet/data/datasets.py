@@ -20,15 +20,14 @@ initialised (a 1-rank gloo group is enough on one process). megatron-core builds
 (document / sample / shuffle indices, and the blending indices) on global rank 0 first, writes them
 under `cache_path`, passes a barrier, and then every other rank loads them: the indices are computed
 once. `is_built_on_rank` (default: every rank) says which ranks get dataset objects; the others get
-None. `megatron_is_built_on_rank` is Megatron-LM's choice (tensor-parallel rank 0 of the first and last
-pipeline stages), for loops that broadcast batches to the other ranks.
+None.
 
 Multi-node without a shared file system. megatron-core writes the caches only on global rank 0 and
 expects the other ranks to find them at `cache_path`; on another node's local disk they are absent and
 those ranks fail with FileNotFoundError. What is needed then:
   * the .bin/.idx files (and manifests) at the same path on every node (copy them to node-local disk);
   * a node-local `cache_path` (e.g. /tmp or $SLURM_TMPDIR), built once per node by local rank 0:
-    pass node_local_cache=True. Then local rank 0 of every node except the first builds its node's
+    pass node_local_cache=True (the trainer's --data-cache-node-local). Then local rank 0 of every node except the first builds its node's
     caches in a short single-process helper (python -m megatron_tempnet.data.datasets, a 1-rank gloo
     group, the same arguments: the caches are deterministic and named by a hash of the arguments, never
     of the path or the rank), all ranks pass a barrier, and then the normal build finds every cache
@@ -165,22 +164,68 @@ def require_train_and_valid(split: str) -> None:
                                "a weight (e.g. 949,50,1)")
 
 
-def megatron_is_built_on_rank() -> bool:
-    """Megatron-LM's rule: datasets on tensor-parallel rank 0 of the first and last pipeline stages."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return True
-    return ps.get_tensor_model_parallel_rank() == 0 and (
-        ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)
-    )
-
-
 def _local_rank() -> Optional[int]:
     for var in ("LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
         if os.environ.get(var, "").strip().isdigit():
             return int(os.environ[var])
     return None
+
+
+def _check_inputs(prefixes: list, split: str, seq_length: int, tokenizer, cache_path: Optional[str],
+                  check_tokenizer: bool, built_here: bool) -> None:
+    """Every prefix readable, made with this tokenizer, its tokens inside the vocabulary and its splits long
+    enough, before megatron-core opens anything (see the module docstring)."""
+    import torch
+
+    if check_tokenizer:  # one pass over each .bin on rank 0 fills the token-stats caches the others read
+        if torch.distributed.get_rank() == 0:
+            for p in prefixes:
+                try:
+                    token_stats(p, cache_path)
+                except (DatasetError, OSError):
+                    pass  # every rank reports it below
+        torch.distributed.barrier()
+
+    if built_here:
+        for p in prefixes:
+            check_dataset_prefix(p)
+            if check_tokenizer and tokenizer_info_for(p) is not None:
+                check_tokenizer_matches(p, tokenizer.vocab_size, tokenizer=tokenizer if hasattr(tokenizer, "sha256") else None)
+            if check_tokenizer:
+                check_token_content(p, tokenizer.vocab_size, cache_path)
+            check_split_sizes(p, split, seq_length)
+
+
+def _build_node_local_caches(data_path, split: str, seq_length: int, seed: int, tokenizer, num_samples,
+                             cache_path: Optional[str], options: dict) -> None:
+    """Local rank 0 of every node but the first builds its node's index caches in a single-process helper
+    (module docstring, "Multi-node without a shared file system"); every rank waits for them."""
+    import torch
+
+    if cache_path is None:
+        raise DatasetError("node_local_cache=True needs a cache_path on node-local disk (e.g. $SLURM_TMPDIR/idx-cache)")
+    local_rank = _local_rank()
+    if local_rank is None:
+        raise DatasetError(
+            "node_local_cache=True needs the local rank: run under torchrun (LOCAL_RANK) or srun (SLURM_LOCALID)"
+        )
+    failed = torch.zeros(1)
+    if local_rank == 0 and torch.distributed.get_rank() != 0:
+        spec = dict(
+            data_path=list(data_path) if not isinstance(data_path, str) else data_path,
+            split=split, seq_length=seq_length, seed=seed, tokenizer=getattr(tokenizer, "path", None),
+            num_samples=list(num_samples), cache_path=cache_path, options=options,
+        )
+        if spec["tokenizer"] is None:
+            raise DatasetError("node_local_cache=True needs a tokenizer loaded from a file (load_tokenizer)")
+        try:
+            prebuild_caches_in_subprocess(spec)
+        except DatasetError as e:
+            logger.error("%s", e)
+            failed += 1
+    torch.distributed.all_reduce(failed)  # also the barrier: every node's caches exist after it
+    if failed.item():
+        raise DatasetError(f"building the node-local index caches failed on {int(failed.item())} node(s); see their logs")
 
 
 def build_gpt_datasets(
@@ -216,55 +261,12 @@ def build_gpt_datasets(
         raise DatasetError(f"num_samples must be (train, valid, test) (got {num_samples})")
     prefixes, weights = parse_data_path(data_path)
     built_here = is_built_on_rank or (lambda: True)
-    if check_tokenizer:  # one pass over each .bin on rank 0 fills the token-stats caches the others read
-        if torch.distributed.get_rank() == 0:
-            for p in prefixes:
-                try:
-                    token_stats(p, cache_path)
-                except (DatasetError, OSError):
-                    pass  # every rank reports it below
-        torch.distributed.barrier()
-
-    if built_here():
-        for p in prefixes:
-            check_dataset_prefix(p)
-            if check_tokenizer and tokenizer_info_for(p) is not None:
-                check_tokenizer_matches(p, tokenizer.vocab_size, tokenizer=tokenizer if hasattr(tokenizer, "sha256") else None)
-            if check_tokenizer:
-                check_token_content(p, tokenizer.vocab_size, cache_path)
-            check_split_sizes(p, split, seq_length)
-
+    _check_inputs(prefixes, split, seq_length, tokenizer, cache_path, check_tokenizer, built_here())
     if node_local_cache and torch.distributed.get_world_size() > 1:
-        if cache_path is None:
-            raise DatasetError("node_local_cache=True needs a cache_path on node-local disk (e.g. $SLURM_TMPDIR/idx-cache)")
-        local_rank = _local_rank()
-        if local_rank is None:
-            raise DatasetError(
-                "node_local_cache=True needs the local rank: run under torchrun (LOCAL_RANK) or srun (SLURM_LOCALID)"
-            )
-        rank = torch.distributed.get_rank()
-        failed = torch.zeros(1)
-        if local_rank == 0 and rank != 0:
-            spec = dict(
-                data_path=list(data_path) if not isinstance(data_path, str) else data_path,
-                split=split, seq_length=seq_length, seed=seed, tokenizer=getattr(tokenizer, "path", None),
-                num_samples=list(num_samples), cache_path=cache_path,
-                options=dict(
-                    reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
-                    eod_mask_loss=eod_mask_loss, create_attention_mask=create_attention_mask,
-                    mmap_bin_files=mmap_bin_files, check_tokenizer=False,
-                ),
-            )
-            if spec["tokenizer"] is None:
-                raise DatasetError("node_local_cache=True needs a tokenizer loaded from a file (load_tokenizer)")
-            try:
-                prebuild_caches_in_subprocess(spec)
-            except DatasetError as e:
-                logger.error("%s", e)
-                failed += 1
-        torch.distributed.all_reduce(failed)  # also the barrier: every node's caches exist after it
-        if failed.item():
-            raise DatasetError(f"building the node-local index caches failed on {int(failed.item())} node(s); see their logs")
+        options = dict(reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
+                       eod_mask_loss=eod_mask_loss, create_attention_mask=create_attention_mask,
+                       mmap_bin_files=mmap_bin_files, check_tokenizer=False)
+        _build_node_local_caches(data_path, split, seq_length, seed, tokenizer, num_samples, cache_path, options)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
