@@ -25,9 +25,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "triton"],
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=5", "safetensors"],
         "plots": ["matplotlib", "Pillow"],  # benchmark plots, tools/shade_tokens.py PNGs
-        "dev": ["pytest", "pytest-timeout", "triton", "transformers>=4.40", "safetensors", "matplotlib", "Pillow"],
+        "dev": ["pytest", "pytest-timeout", "triton", "transformers>=5", "safetensors", "matplotlib", "Pillow"],
     },
     entry_points={
         "console_scripts": [
