@@ -1,4 +1,4 @@
-"""Attention transfer (models/attention_transfer.py, training/attention_transfer.py).
+"""Attention transfer (models/explicit_attention.py, training/attention_transfer.py).
 
 Copy mode: the student applies exactly the teacher's attention maps (and a student with the teacher's weights
 is the teacher); its q/k projections get no gradient. Distill mode: the KL term and its gradient against the
@@ -67,7 +67,7 @@ def _attention(heads, groups, **kw):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_tempnet.models.attention_transfer import ExplicitAttention
+    from megatron_tempnet.models.explicit_attention import ExplicitAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=heads, num_query_groups=groups,
                             use_cpu_initialization=True, masked_softmax_fusion=False, attention_dropout=0.0)
@@ -94,7 +94,7 @@ def test_explicit_attention_equals_sdpa_and_records_its_maps(single_rank, heads,
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_tempnet.models.attention import SDPAttention
-    from megatron_tempnet.models.attention_transfer import TransferContext
+    from megatron_tempnet.models.explicit_attention import TransferContext
 
     q, k, v = _qkv(heads, groups)
     mask = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)[None, None]
@@ -108,7 +108,7 @@ def test_explicit_attention_equals_sdpa_and_records_its_maps(single_rank, heads,
 
 
 def test_distill_term_value_and_gradient_match_the_formula(single_rank):
-    from megatron_tempnet.models.attention_transfer import TransferContext
+    from megatron_tempnet.models.explicit_attention import TransferContext
 
     heads, groups, layers, weight = 4, 2, 3, 0.7
     q, k, v = (t.requires_grad_() for t in _qkv(heads, groups))

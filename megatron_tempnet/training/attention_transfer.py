@@ -1,6 +1,6 @@
 """Attention transfer, training side: the frozen teacher, and how its attention reaches the student.
 
-The model side (ExplicitAttention, the KL term, the modes) is in models/attention_transfer.py.
+The model side (ExplicitAttention, the KL term, the modes) is in models/explicit_attention.py.
 
 The teacher is a frozen copy of the model family read from a checkpoint of ours: built by the same provider
 (TempNetGPTModel, megatron-core's spec) at this run's TP/PP/VPP layout, from the checkpoint's own model
@@ -40,7 +40,7 @@ from megatron.core.utils import get_model_config
 
 from .. import platform
 from ..config import Config, ConfigError, ModelConfig
-from ..models.attention_transfer import ExplicitAttention, TransferContext
+from ..models.explicit_attention import ExplicitAttention, TransferContext
 
 _LINK_ATTR = "_attention_transfer_link"
 
