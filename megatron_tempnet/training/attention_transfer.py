@@ -298,7 +298,8 @@ class AttentionTransfer(StepExtension):
         i = _index(self.student, unwrap(chunk))
         ctx = self.student_contexts[i]
         if ctx.supplied:
-            raise RuntimeError(f"attention transfer: the teacher's maps for layers {sorted(ctx.supplied)} were not used")
+            raise RuntimeError(f"attention transfer: the teacher's maps for layers {sorted(ctx.supplied)} were not "
+                               "used")
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
             ctx.supplied = self.run_teacher(i, batch)
         else:
