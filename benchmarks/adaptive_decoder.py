@@ -163,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_tempnet import platform
     from megatron_tempnet.adaptive import tasks
     from megatron_tempnet.adaptive.head import AdaptiveDecoderHead
-    from megatron_tempnet.adaptive.lm import train_mixture_lm
+    from megatron_tempnet.training.in_process import train_mixture_lm
     from megatron_tempnet.adaptive.lpo import LPOSettings, train_lpo
     from megatron_tempnet.adaptive.rewards import BUILTIN, load_reward
 

@@ -8,7 +8,7 @@ r"""Attention transfer for language models: how much of a teacher do its attenti
 Li et al. 2024 ("On the Surprising Effectiveness of Attention Transfer for Vision Transformers") train a ViT
 student from a pretrained teacher's attention maps only, and recover most of the teacher's accuracy. This is the
 same experiment for a small causal LM, with the stack's --attention-transfer-mode (megatron_tempnet/models/
-attention_transfer.py):
+explicit_attention.py, megatron_tempnet/training/attention_transfer.py):
 
   teacher   trained from scratch for --teacher-iters steps, then saved (a checkpoint of ours)
   scratch   student trained from scratch (no teacher)

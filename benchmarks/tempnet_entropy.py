@@ -355,7 +355,7 @@ def write_markdown(path: str, res: dict) -> None:
 
 
 def run_joint(args, data, vocab, log) -> tuple:
-    from megatron_tempnet.adaptive.lm import train_lm
+    from megatron_tempnet.training.in_process import train_lm
 
     captured = {}
     cfg = config(args, vocab)
@@ -367,7 +367,7 @@ def run_joint(args, data, vocab, log) -> tuple:
 
 def run_frozen(args, data, vocab, log) -> tuple:
     """The LM with cross-entropy (no TempNet), saved; then TempNet alone on it (--mode frozen_lm)."""
-    from megatron_tempnet.adaptive.lm import train_lm
+    from megatron_tempnet.training.in_process import train_lm
     from megatron_tempnet.training.checkpointing import load_model_weights, save_checkpoint
 
     cfg = config(args, vocab, tempnet=False)

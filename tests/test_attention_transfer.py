@@ -1,4 +1,4 @@
-"""Attention transfer (models/attention_transfer.py, training/attention_transfer.py).
+"""Attention transfer (models/explicit_attention.py, training/attention_transfer.py).
 
 Copy mode: the student applies exactly the teacher's attention maps (and a student with the teacher's weights
 is the teacher); its q/k projections get no gradient. Distill mode: the KL term and its gradient against the
@@ -67,7 +67,7 @@ def _attention(heads, groups, **kw):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_tempnet.models.attention_transfer import ExplicitAttention
+    from megatron_tempnet.models.explicit_attention import ExplicitAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=heads, num_query_groups=groups,
                             use_cpu_initialization=True, masked_softmax_fusion=False, attention_dropout=0.0)
@@ -94,7 +94,7 @@ def test_explicit_attention_equals_sdpa_and_records_its_maps(single_rank, heads,
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_tempnet.models.attention import SDPAttention
-    from megatron_tempnet.models.attention_transfer import TransferContext
+    from megatron_tempnet.models.explicit_attention import TransferContext
 
     q, k, v = _qkv(heads, groups)
     mask = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)[None, None]
@@ -108,7 +108,7 @@ def test_explicit_attention_equals_sdpa_and_records_its_maps(single_rank, heads,
 
 
 def test_distill_term_value_and_gradient_match_the_formula(single_rank):
-    from megatron_tempnet.models.attention_transfer import TransferContext
+    from megatron_tempnet.models.explicit_attention import TransferContext
 
     heads, groups, layers, weight = 4, 2, 3, 0.7
     q, k, v = (t.requires_grad_() for t in _qkv(heads, groups))
@@ -153,21 +153,21 @@ def test_distill_term_value_and_gradient_match_the_formula(single_rank):
 
 
 def _copy_checks(cfg):
-    from megatron_tempnet.training.attention_transfer import (
-        _run_teacher, before_forward, load_teacher_weights, teacher_checkpoint, transfer_link)
+    from megatron_tempnet.training.attention_transfer import load_teacher_weights, teacher_checkpoint
+    from megatron_tempnet.training.extensions import attached
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
     from megatron_tempnet.training.model_setup import build_model_chunks, unwrap
     from megatron_tempnet.training.step import train_step
 
     model, optimizer, scheduler = setup_run(cfg)
-    link = transfer_link(model[0])
+    (link,) = attached(model)  # the AttentionTransfer step extension
     ctx = link.student_contexts[0]
     batch = next(data_iterators(cfg, build_datasets(cfg)[0], 0, 1)[0])
     # 1. the student's maps are the teacher's, bit for bit, layer by layer
     ctx.record_applied = True
-    before_forward(model[0], batch)
+    link.before_forward(model[0], batch)
     model[0](batch.input_ids, batch.position_ids, batch.attention_mask)
-    teacher_maps = _run_teacher(link, 0, batch)
+    teacher_maps = link.run_teacher(0, batch)
     maps_equal = sorted(ctx.applied) == sorted(teacher_maps) == list(range(1, cfg.model.num_layers + 1)) and all(
         torch.equal(ctx.applied[n], teacher_maps[n]) for n in teacher_maps)
     maps_differ_by_layer = not torch.equal(teacher_maps[1], teacher_maps[2])
@@ -181,7 +181,7 @@ def _copy_checks(cfg):
     # 3. with the teacher's weights, the copy student is the teacher (a plain model with SDPA attention)
     ckpt = teacher_checkpoint(cfg)
     load_teacher_weights(ckpt, [unwrap(model[0])])
-    before_forward(model[0], batch)
+    link.before_forward(model[0], batch)
     student_logits, _ = model[0](batch.input_ids, batch.position_ids, batch.attention_mask)
     cfg.attention_transfer.mode = "none"
     plain = build_model_chunks(cfg, wrap_ddp=False)

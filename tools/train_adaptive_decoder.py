@@ -29,5 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
     from megatron_tempnet.adaptive.train import main
+    from megatron_tempnet.training.in_process import train_mixture_lm
 
-    sys.exit(main(doc=__doc__))
+    sys.exit(main(doc=__doc__, train_mixture_lm=train_mixture_lm))

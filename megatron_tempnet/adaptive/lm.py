@@ -6,17 +6,17 @@ whose output has been through the final layernorm) records the last hidden state
 layer, which the Adaptive Decoder head reads. Checkpoints load through inference.model at TP = PP = 1 in a
 1-rank process group (`ensure_process_group`).
 
-`train_mixture_lm` trains the tiny LM of the built-in task mixture with the project's trainer.
+`mixture_lm_config` describes the tiny LM of the built-in task mixture; training/in_process.py trains it
+(train_mixture_lm) with the project's trainer.
 """
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..config import Config, ConfigError, validate
+from ..config import Config, ConfigError
 
 
 class AdaptiveError(ConfigError):
@@ -140,48 +140,6 @@ def mixture_lm_config(**overrides) -> Config:
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
     return cfg
-
-
-def train_lm(cfg: Config, dataset, log: Optional[Callable[[str], None]] = None,
-             before_training: Optional[Callable[[list, object], None]] = None) -> tuple:
-    """Train an LM with the project's trainer (megatron-core schedules and optimizer) on a map-style
-    dataset of {"tokens", "labels", "loss_mask"} items, in this process (1 rank). before_training(model chunks,
-    optimizer) runs once they are built. Returns (model chunks, per-step metrics)."""
-    from .. import platform
-    from ..training.loop import data_iterators, setup_run
-    from ..training.step import train_step
-
-    validate(cfg, 1, cuda_available=platform.use_cuda(), te_available=platform.transformer_engine_available())
-    ensure_process_group(cfg.train.seed)
-    model, optimizer, scheduler = setup_run(cfg)
-    if before_training is not None:
-        before_training(model, optimizer)
-    iters = data_iterators(cfg, dataset, 0, len(model))
-    history, t0 = [], time.perf_counter()
-    for it in range(1, cfg.train.train_iters + 1):
-        metrics = train_step(cfg, model, optimizer, scheduler, iters)
-        history.append({k: v for k, v in metrics.items() if k != "tau_values"})
-        if log and (it % 50 == 0 or it == cfg.train.train_iters):
-            recent = history[-50:]
-            mean = lambda k: sum(h[k] for h in recent) / len(recent)  # noqa: E731
-            log(f"LM iter {it}/{cfg.train.train_iters} | loss {mean('loss'):.4f} | ce(z/tau) {mean('ce_tau'):.4f} | "
-                f"tau {mean('tau_mean'):.3f} +- {mean('tau_std'):.3f} | {time.perf_counter() - t0:.1f} s")
-    return model, history
-
-
-def train_mixture_lm(steps: int = 800, seed: int = 1234, log: Optional[Callable[[str], None]] = None,
-                     save: Optional[str] = None, **overrides) -> "LanguageModel":
-    """Train the tiny LM of the built-in mixture; optionally save its weights (model-only checkpoint)."""
-    from .tasks import MixtureCorpus, MixtureTokenizer
-
-    cfg = mixture_lm_config(train__train_iters=steps, train__seed=seed, **overrides)
-    corpus = MixtureCorpus(steps * cfg.train.global_batch_size, cfg.model.seq_length, seed)
-    model, _ = train_lm(cfg, corpus, log)
-    if save:
-        from ..training.checkpointing import save_checkpoint
-
-        save_checkpoint(cfg, steps, steps * cfg.train.global_batch_size, model, save_dir=save, keep_last=1)
-    return LanguageModel(model[0], cfg, MixtureTokenizer())
 
 
 def check_mixture_model(cfg: Config) -> None:

@@ -1,5 +1,8 @@
 """An Adaptive Decoder run: load (or train) the LM, train the head with LPO, compare it with every fixed
-temperature of its set, save the head and the table. Entry point of tools/train_adaptive_decoder.py."""
+temperature of its set, save the head and the table. Entry point of tools/train_adaptive_decoder.py.
+
+Training the task mixture's LM is the trainer's job (training/in_process.py: train_mixture_lm); the caller
+passes that function in, so that adaptive decoding does not depend on the trainer."""
 from __future__ import annotations
 
 import json
@@ -13,7 +16,7 @@ import torch
 
 from .config import AdaptiveConfig, config_dict, load_adaptive_config
 from .head import AdaptiveDecoderHead
-from .lm import AdaptiveError, LanguageModel, check_mixture_model, mixture_lm_config, train_mixture_lm
+from .lm import AdaptiveError, LanguageModel, check_mixture_model, mixture_lm_config
 from .lpo import LPOSettings, evaluate, train_lpo
 from .rewards import BUILTIN, load_reward
 
@@ -85,8 +88,14 @@ def fixed_arms(temperatures: List[float]) -> dict:
     return {f"fixed tau = {t:g}": (t, "sample") for t in temperatures}
 
 
-def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print) -> dict:
-    """The whole run. Returns {"history", "results", "table"}; writes them and the head to cfg.save."""
+# train_mixture_lm(steps, seed, log, save=folder or None) -> the trained LM (training.in_process.train_mixture_lm)
+MixtureLMTrainer = Callable[..., LanguageModel]
+
+
+def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print,
+        train_mixture_lm: Optional[MixtureLMTrainer] = None) -> dict:
+    """The whole run. Returns {"history", "results", "table"}; writes them and the head to cfg.save.
+    train_mixture_lm: trains the task mixture's LM when --task-mixture comes without --checkpoint."""
     from . import tasks
 
     torch.manual_seed(cfg.seed)
@@ -121,6 +130,9 @@ def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print) -> dict:
             lm = LanguageModel.from_checkpoint(cfg.checkpoint, tokenizer)
             check_mixture_model(lm.cfg)
         else:
+            if train_mixture_lm is None:
+                raise TypeError("run() trains the task mixture's LM (no --checkpoint): pass train_mixture_lm="
+                                "training.in_process.train_mixture_lm")
             log(f"training the task mixture's LM ({cfg.lm_steps} steps)")
             lm = train_mixture_lm(cfg.lm_steps, cfg.seed, log, save=str(Path(cfg.save) / "lm") if cfg.save else None)
     else:
@@ -156,7 +168,9 @@ def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print) -> dict:
     return out
 
 
-def main(argv: Optional[list] = None, doc: Optional[str] = None) -> int:
+def main(argv: Optional[list] = None, doc: Optional[str] = None,
+         train_mixture_lm: Optional[MixtureLMTrainer] = None) -> int:
+    """The command line of tools/train_adaptive_decoder.py (run's train_mixture_lm passed on); the exit code."""
     from ..data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
@@ -167,7 +181,7 @@ def main(argv: Optional[list] = None, doc: Optional[str] = None) -> int:
 
     try:
         cfg = load_adaptive_config(argv, doc)
-        run(cfg, log=lambda m: print(m, flush=True))
+        run(cfg, log=lambda m: print(m, flush=True), train_mixture_lm=train_mixture_lm)
     except AdaptiveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from . import linear
 from .attention import SDPAttention
-from .attention_transfer import ExplicitAttention
+from .explicit_attention import ExplicitAttention
 
 # Offsets that keep the per-layer seeds apart from the embedding's and TempNet's streams.
 LAYER_SEED_OFFSET = 1000

@@ -1,6 +1,6 @@
 """Attention transfer, training side: the frozen teacher, and how its attention reaches the student.
 
-The model side (ExplicitAttention, the KL term, the modes) is in models/attention_transfer.py.
+The model side (ExplicitAttention, the KL term, the modes) is in models/explicit_attention.py.
 
 The teacher is a frozen copy of the model family read from a checkpoint of ours: built by the same provider
 (TempNetGPTModel, megatron-core's spec) at this run's TP/PP/VPP layout, from the checkpoint's own model
@@ -10,16 +10,20 @@ runs well (bf16 on a GPU, fp32 on a CPU). It must have the student's number of l
 and the student's vocabulary. Teacher layer l and student layer l live on the same rank and hold the same
 heads (TP splits both the same way), so the probabilities never leave the rank.
 
-Per micro-batch (training/step.py calls the hooks):
+It runs as a step extension (training/extensions.py): `AttentionTransfer.from_config` builds it once per run
+(training/loop.py), and the training step calls its hooks:
   - PP = 1: `before_forward` runs the teacher on the micro-batch, then hands each student layer the
     teacher's probabilities of its layer; memory: one micro-batch of teacher maps.
   - PP > 1: a stage's teacher layers need the teacher's hidden states from the previous stage, so before
-    each student schedule `run_teacher_pipeline` runs the teacher through megatron-core's forward-only
+    each student schedule `before_schedule` runs the teacher through megatron-core's forward-only
     schedule over the same micro-batches (the student then replays them), and every stage queues its
     teacher layers' maps per model chunk; `before_forward` takes them in micro-batch order. Memory: the
     maps of all micro-batches of a global batch for this rank's layers and heads, until used.
-  - `collect_metrics` reduces the distillation KL over all ranks: metrics["attn_kl"], the mean over
+  - `metrics` reduces the distillation KL over all ranks: metrics["attn_kl"], the mean over
     layers, heads and loss-masked tokens of KL(teacher || student) (unweighted).
+The distillation term itself is backpropagated inside the student's layers (models/explicit_attention.py).
+
+`check_teacher` holds the teacher checks that need no process group, for a run's checks before any work.
 
 Not supported: context parallelism, activation recomputation of the core attention (the maps are taken
 once per forward), packed sequences.
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Deque, Dict, List, Optional
 
@@ -40,9 +43,9 @@ from megatron.core.utils import get_model_config
 
 from .. import platform
 from ..config import Config, ConfigError, ModelConfig
-from ..models.attention_transfer import ExplicitAttention, TransferContext
-
-_LINK_ATTR = "_attention_transfer_link"
+from ..models.explicit_attention import ExplicitAttention, TransferContext
+from .extensions import StepExtension
+from .model_setup import params_dtype, unwrap, use_transformer_engine
 
 
 class AttentionTransferError(ConfigError):
@@ -122,35 +125,6 @@ def check_teacher(cfg: Config) -> None:
         teacher_config(cfg)
 
 
-@dataclass
-class TransferLink:
-    """The teacher chunks of a student and the per-chunk state that connects them."""
-
-    cfg: Config
-    mode: str
-    student: List[torch.nn.Module]  # unwrapped student chunks
-    teacher: List[torch.nn.Module]
-    student_contexts: List[TransferContext]
-    teacher_contexts: List[TransferContext]
-    queues: List[Deque[Dict[int, torch.Tensor]]] = field(default_factory=list)  # PP > 1: maps per micro-batch
-
-    def chunk_index(self, chunks: List[torch.nn.Module], chunk: torch.nn.Module) -> int:
-        for i, c in enumerate(chunks):
-            if c is chunk:
-                return i
-        raise RuntimeError("attention transfer: unknown model chunk")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def transfer_link(chunk: torch.nn.Module) -> Optional[TransferLink]:
-    return getattr(_unwrap(chunk), _LINK_ATTR, None)
-
-
 def _contexts(chunk: torch.nn.Module, ctx: TransferContext) -> int:
     n = 0
     for module in chunk.modules():
@@ -213,7 +187,6 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
 def build_teacher(cfg: Config) -> List[torch.nn.Module]:
     """The frozen teacher's chunks for this rank, weights loaded from the teacher checkpoint."""
     from ..models.language_model import transformer_config
-    from .model_setup import params_dtype, use_transformer_engine
 
     tcfg = teacher_config(cfg)
     te = use_transformer_engine(tcfg)
@@ -237,113 +210,118 @@ def build_teacher(cfg: Config) -> List[torch.nn.Module]:
     return chunks
 
 
-def attach_teacher(cfg: Config, model: List[torch.nn.Module]) -> Optional[TransferLink]:
-    """Build the teacher for the student chunks `model` (DDP-wrapped or not) and connect them. Does nothing
-    with --attention-transfer-mode none. Called on every rank after the process groups exist."""
-    at = cfg.attention_transfer
-    if at.mode == "none":
-        return None
-    teacher = build_teacher(cfg)
-    students = [_unwrap(c) for c in model]
-    m = cfg.model
-    common = dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, distill_weight=at.distill_weight)
-    link = TransferLink(
-        cfg=cfg, mode=at.mode, student=students, teacher=teacher,
-        student_contexts=[TransferContext(role=at.mode, **common) for _ in students],
-        teacher_contexts=[TransferContext(role="teacher", record_dtype=next(t.parameters()).dtype, **common)
-                          for t in teacher],
-        queues=[collections.deque() for _ in students])
-    for s, t, sctx, tctx in zip(students, teacher, link.student_contexts, link.teacher_contexts):
-        n_s, n_t = _contexts(s, sctx), _contexts(t, tctx)
-        if n_s != n_t or n_s == 0:
-            raise RuntimeError(f"attention transfer: the student chunk has {n_s} explicit-attention layers and the "
-                               f"teacher chunk {n_t}; both must be built with --attention-transfer-mode copy|distill")
-        object.__setattr__(s, _LINK_ATTR, link)  # not a submodule: outside the optimizer, DDP and checkpoints
-    return link
-
-
-def _run_teacher(link: TransferLink, i: int, batch) -> Dict[int, torch.Tensor]:
-    tctx = link.teacher_contexts[i]
-    tctx.recorded = {}
-    with torch.no_grad(), platform.native_torch():
-        link.teacher[i](batch.input_ids, batch.position_ids, batch.attention_mask)
-    recorded, tctx.recorded = tctx.recorded, {}
-    return recorded
-
-
-def before_forward(chunk: torch.nn.Module, batch) -> None:
-    """Give the student chunk the teacher's maps for this micro-batch (and the loss mask and loss scale
-    the distillation term needs). A no-op without attention transfer."""
-    link = transfer_link(chunk)
-    if link is None:
-        return
-    i = link.chunk_index(link.student, _unwrap(chunk))
-    ctx = link.student_contexts[i]
-    if ctx.supplied:
-        raise RuntimeError(f"attention transfer: the teacher's maps for layers {sorted(ctx.supplied)} were not used")
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        ctx.supplied = _run_teacher(link, i, batch)
-    else:
-        if not link.queues[i]:
-            raise RuntimeError("attention transfer: no teacher maps queued for this micro-batch; with pipeline "
-                               "parallelism run_teacher_pipeline() must run before the student's schedule")
-        ctx.supplied = link.queues[i].popleft()
-    ctx.query_mask = batch.loss_mask
-    scale_fn = get_model_config(chunk).grad_scale_func
-    ones = torch.ones((), device=batch.loss_mask.device)
-    ctx.loss_scale = scale_fn(ones).reshape(()) if scale_fn is not None else ones
-
-
 def _no_loss(output: torch.Tensor):
     return torch.zeros((), device=output.device), torch.ones((), dtype=torch.int), {}
 
 
-def run_teacher_pipeline(cfg: Config, model: List[torch.nn.Module], data_iterators: list,
-                         num_microbatches: int) -> list:
-    """With PP > 1: take this step's micro-batches from `data_iterators` (one per chunk), run the teacher on
-    them through megatron-core's forward-only pipeline schedule (queueing each stage's maps), and return
-    iterators that replay the same micro-batches to the student. Otherwise returns `data_iterators`."""
-    link = transfer_link(model[0])
-    if link is None or parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return data_iterators
-    if any(link.queues):
-        raise RuntimeError("attention transfer: teacher maps of a previous schedule were not used")
-    batches = [[next(it) for _ in range(num_microbatches)] for it in data_iterators]
+def _index(chunks: List[torch.nn.Module], chunk: torch.nn.Module) -> int:
+    for i, c in enumerate(chunks):
+        if c is chunk:
+            return i
+    raise RuntimeError("attention transfer: unknown model chunk")
 
-    def teacher_step(data_iterator, chunk):
-        i = link.chunk_index(link.teacher, chunk)
-        batch = next(data_iterator)
-        tctx = link.teacher_contexts[i]
+
+class AttentionTransfer(StepExtension):
+    """The step extension (training/extensions.py): this rank's frozen teacher chunks, and the per-chunk
+    contexts that connect them to the student's explicit-attention layers."""
+
+    def __init__(self, cfg: Config, model: List[torch.nn.Module], teacher: List[torch.nn.Module]):
+        """Connect the student chunks `model` (DDP-wrapped or not) to the teacher chunks `teacher`."""
+        at, m = cfg.attention_transfer, cfg.model
+        common = dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, distill_weight=at.distill_weight)
+        self.cfg, self.mode = cfg, at.mode
+        self.student = [unwrap(c) for c in model]
+        self.teacher = teacher
+        self.student_contexts = [TransferContext(role=at.mode, **common) for _ in self.student]
+        self.teacher_contexts = [TransferContext(role="teacher", record_dtype=next(t.parameters()).dtype, **common)
+                                 for t in teacher]
+        # PP > 1: per student chunk, the teacher's maps of each micro-batch of the schedule, in order
+        self.queues: List[Deque[Dict[int, torch.Tensor]]] = [collections.deque() for _ in self.student]
+        for s, t, sctx, tctx in zip(self.student, teacher, self.student_contexts, self.teacher_contexts):
+            n_s, n_t = _contexts(s, sctx), _contexts(t, tctx)
+            if n_s != n_t or n_s == 0:
+                raise RuntimeError(f"attention transfer: the student chunk has {n_s} explicit-attention layers and "
+                                   f"the teacher chunk {n_t}; both must be built with --attention-transfer-mode "
+                                   "copy|distill")
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: List[torch.nn.Module]) -> Optional["AttentionTransfer"]:
+        """Build the teacher for the student chunks `model` and connect them; None with
+        --attention-transfer-mode none. Called on every rank after the process groups exist."""
+        if cfg.attention_transfer.mode == "none":
+            return None
+        return cls(cfg, model, build_teacher(cfg))
+
+    def run_teacher(self, i: int, batch) -> Dict[int, torch.Tensor]:
+        """The attention maps of teacher chunk i on `batch` (PP = 1), by global layer number:
+        [b, heads of this rank, s, s] each, in the teacher's dtype."""
+        tctx = self.teacher_contexts[i]
         tctx.recorded = {}
-        with platform.native_torch():
-            out = chunk(batch.input_ids, batch.position_ids, batch.attention_mask)
-        link.queues[i].append(tctx.recorded)
-        tctx.recorded = {}
-        return out, _no_loss
+        with torch.no_grad(), platform.native_torch():
+            self.teacher[i](batch.input_ids, batch.position_ids, batch.attention_mask)
+        recorded, tctx.recorded = tctx.recorded, {}
+        return recorded
 
-    teacher_iters = [iter(b) for b in batches]
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=teacher_step,
-            data_iterator=teacher_iters if len(teacher_iters) > 1 else teacher_iters[0],
-            model=link.teacher, num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
-    return [iter(b) for b in batches]
+    def before_schedule(self, model: List[torch.nn.Module], data_iterators: list, num_microbatches: int) -> list:
+        """With PP > 1: take this schedule's micro-batches from `data_iterators` (one per chunk), run the teacher
+        on them through megatron-core's forward-only pipeline schedule (queueing each stage's maps), and return
+        iterators that replay the same micro-batches to the student. Otherwise returns `data_iterators`."""
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return data_iterators
+        if any(self.queues):
+            raise RuntimeError("attention transfer: teacher maps of a previous schedule were not used")
+        batches = [[next(it) for _ in range(num_microbatches)] for it in data_iterators]
 
+        def teacher_step(data_iterator, chunk):
+            i = _index(self.teacher, chunk)
+            batch = next(data_iterator)
+            tctx = self.teacher_contexts[i]
+            tctx.recorded = {}
+            with platform.native_torch():
+                out = chunk(batch.input_ids, batch.position_ids, batch.attention_mask)
+            self.queues[i].append(tctx.recorded)
+            tctx.recorded = {}
+            return out, _no_loss
 
-def collect_metrics(model: List[torch.nn.Module], tokens: float) -> dict:
-    """{"attn_kl": mean KL(teacher || student) per layer, head and loss-masked token} in distill mode, summed
-    since the last call over all ranks (a collective: every rank calls it); {} otherwise."""
-    link = transfer_link(model[0])
-    if link is None:
-        return {}
-    total = torch.zeros((), dtype=torch.float64, device=platform.device())
-    for ctx in link.student_contexts:
-        if ctx.kl_sum is not None:
-            total = total + ctx.kl_sum.to(total.device)
-        ctx.kl_sum = None
-    if link.mode != "distill":
-        return {}
-    dist.all_reduce(total)  # disjoint parts: DP samples x PP layers x TP heads
-    m = link.cfg.model
-    return {"attn_kl": float(total) / max(tokens * m.num_layers * m.num_attention_heads, 1.0)}
+        teacher_iters = [iter(b) for b in batches]
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=teacher_step,
+                data_iterator=teacher_iters if len(teacher_iters) > 1 else teacher_iters[0],
+                model=self.teacher, num_microbatches=num_microbatches, seq_length=self.cfg.model.seq_length,
+                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+        return [iter(b) for b in batches]
+
+    def before_forward(self, chunk: torch.nn.Module, batch) -> None:
+        """Give the student chunk the teacher's maps for this micro-batch (and the loss mask and loss scale
+        the distillation term needs)."""
+        i = _index(self.student, unwrap(chunk))
+        ctx = self.student_contexts[i]
+        if ctx.supplied:
+            raise RuntimeError(f"attention transfer: the teacher's maps for layers {sorted(ctx.supplied)} were not "
+                               "used")
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            ctx.supplied = self.run_teacher(i, batch)
+        else:
+            if not self.queues[i]:
+                raise RuntimeError("attention transfer: no teacher maps queued for this micro-batch; with pipeline "
+                                   "parallelism before_schedule() must run before the student's schedule")
+            ctx.supplied = self.queues[i].popleft()
+        ctx.query_mask = batch.loss_mask
+        scale_fn = get_model_config(chunk).grad_scale_func
+        ones = torch.ones((), device=batch.loss_mask.device)
+        ctx.loss_scale = scale_fn(ones).reshape(()) if scale_fn is not None else ones
+
+    def metrics(self, tokens: float) -> dict:
+        """{"attn_kl": mean KL(teacher || student) per layer, head and loss-masked token} in distill mode, summed
+        since the last call over all ranks (a collective: every rank calls it); {} in copy mode."""
+        total = torch.zeros((), dtype=torch.float64, device=platform.device())
+        for ctx in self.student_contexts:
+            if ctx.kl_sum is not None:
+                total = total + ctx.kl_sum.to(total.device)
+            ctx.kl_sum = None
+        if self.mode != "distill":
+            return {}
+        dist.all_reduce(total)  # disjoint parts: DP samples x PP layers x TP heads
+        m = self.cfg.model
+        return {"attn_kl": float(total) / max(tokens * m.num_layers * m.num_attention_heads, 1.0)}

@@ -11,7 +11,8 @@ from megatron.core.utils import get_model_config
 
 from .. import platform
 from ..config import Config, ConfigError
-from .attention_transfer import attach_teacher
+from . import extensions
+from .attention_transfer import AttentionTransfer
 from .batches import MockTokens, micro_batches
 from .signals import StopConditions
 from .model_setup import build_model_chunks, params_dtype
@@ -99,7 +100,7 @@ def setup_run(cfg: Config):
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
                               p.distributed_timeout_minutes, cfg.train.seed)
     model = build_model_chunks(cfg)
-    attach_teacher(cfg, model)  # attention transfer: the frozen teacher (nothing with --attention-transfer-mode none)
+    extensions.attach(model, [AttentionTransfer.from_config(cfg, model)])  # the step's extensions, from the config
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     mcfg = get_model_config(model[0])

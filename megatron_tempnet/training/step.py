@@ -4,12 +4,15 @@ The schedules (no pipelining, 1F1B, interleaved 1F1B) call `forward_step` per mi
 stage `loss_func` turns the model's per-token loss into a token sum, which megatron-core backpropagates and
 later divides by the global token count (calculate_per_token_loss): the loss is the mean over every
 token of the global batch, at any DP size and any number of micro-batches.
+
+The step extensions attached to the model (training/extensions.py: attention transfer) run before each
+schedule, before each micro-batch's forward, and add their metrics after the step or the evaluation.
 """
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,8 +24,8 @@ from ..config import Config
 from ..models.language_model import LMOutput
 from ..models.tempnet import TempNet, shared_across_micro_batches
 from ..models.tempnet_diagnostics import summarize as summarize_tau
-from . import attention_transfer
 from .batches import Batch
+from .extensions import StepExtension, attached
 from .model_setup import unwrap
 
 # Layout of the per-micro-batch statistics vector (summed over micro-batches and DP ranks).
@@ -54,10 +57,11 @@ def loss_func(loss_mask: torch.Tensor, output: LMOutput):
         return loss_sum, tokens.to(torch.int), report
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+def forward_step(extensions: Sequence[StepExtension], data_iterator: Iterator[Batch], model: torch.nn.Module):
     with platform.native_torch():  # the data pipeline and the model ask for no CUDA device
         batch = next(data_iterator)
-        attention_transfer.before_forward(model, batch)  # the teacher's attention maps (attention transfer only)
+        for ext in extensions:
+            ext.before_forward(model, batch)
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels)
     return output, partial(loss_func, batch.loss_mask)
 
@@ -119,14 +123,15 @@ def _tau_diagnostics(cfg: Config, diagnosed: List[torch.Tensor]) -> dict:
 
 
 def _run_schedule(cfg: Config, model: List[torch.nn.Module], data_iterators, forward_only: bool) -> list:
-    # attention transfer with PP > 1: the teacher's pipeline pass over the same micro-batches comes first
-    data_iterators = attention_transfer.run_teacher_pipeline(cfg, model, data_iterators, _num_microbatches(cfg))
-    tempnets = [t for t in (unwrap(chunk).tempnet for chunk in model) if isinstance(t, TempNet)]
     num_microbatches = _num_microbatches(cfg)
+    extensions = attached(model)
+    for ext in extensions:
+        data_iterators = ext.before_schedule(model, data_iterators, num_microbatches)
+    tempnets = [t for t in (unwrap(chunk).tempnet for chunk in model) if isinstance(t, TempNet)]
     # The weights are fixed until the optimizer step: TempNet's first layer shares work across micro-batches.
     with shared_across_micro_batches(tempnets, backward_passes=0 if forward_only else num_microbatches):
         return get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=partial(forward_step, extensions),
             data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
             model=model,
             num_microbatches=num_microbatches,
@@ -150,7 +155,8 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
     stats, taus = _reduce_reports(reports)
     metrics = metrics_from_stats(stats)
-    metrics.update(attention_transfer.collect_metrics(model, metrics["tokens"]))  # attn_kl in distill mode
+    for ext in attached(model):
+        metrics.update(ext.metrics(metrics["tokens"]))
     # optimizer.step(), in its parts, so that a bad step can be refused before the update.
     found_inf = optimizer.prepare_grads()  # mixed precision: unscale and check; fp32: wire the main grads
     grad_norm = optimizer.clip_grad_norm(cfg.train.clip_grad) if cfg.train.clip_grad > 0 else optimizer.get_grad_norm()
@@ -184,7 +190,8 @@ def evaluate(cfg: Config, model: List[torch.nn.Module], data_iterators, num_batc
     out = metrics_from_stats(stats)
     if diagnosed:  # the last stage; the logging rank is one of its ranks
         out.update(_tau_diagnostics(cfg, diagnosed))
-    out.update(attention_transfer.collect_metrics(model, out["tokens"]))
+    for ext in attached(model):
+        out.update(ext.metrics(out["tokens"]))
     out["ppl"] = math.exp(min(out["ce"], 50.0))
     out["ppl_tau"] = math.exp(min(out["ce_tau"], 50.0))
     return out
