@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
-from ..data.indexed import sha256_file
+from ..files import sha256_file
 
 CHECKSUM_FILE = "checksums.json"
 _UNHASHED = {CHECKSUM_FILE, "tempnet_checkpoint.json"}  # written after the checksums
