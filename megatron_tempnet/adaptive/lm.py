@@ -96,7 +96,7 @@ class LanguageModel:
         (inference.model.load_checkpoint_model). `tokenizer`: an object with tokenize/detokenize/eod;
         default: the checkpoint's --tokenizer-model."""
         from ..inference.model import load_checkpoint_model
-        from ..training.checkpointing import read_info, resolve_checkpoint
+        from ..checkpoint import read_info, resolve_checkpoint
 
         saved = read_info(resolve_checkpoint(path))["config"]
         if tokenizer is None:
@@ -178,7 +178,7 @@ def train_mixture_lm(steps: int = 800, seed: int = 1234, log: Optional[Callable[
     corpus = MixtureCorpus(steps * cfg.train.global_batch_size, cfg.model.seq_length, seed)
     model, _ = train_lm(cfg, corpus, log)
     if save:
-        from ..training.checkpointing import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         save_checkpoint(cfg, steps, steps * cfg.train.global_batch_size, model, save_dir=save, keep_last=1)
     return LanguageModel(model[0], cfg, MixtureTokenizer())
