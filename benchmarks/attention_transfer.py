@@ -139,7 +139,7 @@ def train_run(spec: dict) -> dict:
     import torch
 
     from megatron_tempnet.config import load_config
-    from megatron_tempnet.training.checkpointing import save_checkpoint
+    from megatron_tempnet.checkpoint import save_checkpoint
     from megatron_tempnet.training.loop import data_iterators, resolve_vocab_size, setup_run
     from megatron_tempnet.training.step import evaluate, train_step
 

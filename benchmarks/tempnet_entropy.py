@@ -367,8 +367,8 @@ def run_joint(args, data, vocab, log) -> tuple:
 
 def run_frozen(args, data, vocab, log) -> tuple:
     """The LM with cross-entropy (no TempNet), saved; then TempNet alone on it (--mode frozen_lm)."""
+    from megatron_tempnet.checkpoint import load_model_weights, save_checkpoint
     from megatron_tempnet.training.in_process import train_lm
-    from megatron_tempnet.training.checkpointing import load_model_weights, save_checkpoint
 
     cfg = config(args, vocab, tempnet=False)
     model, _ = train_lm(cfg, Windows(data["train"], args.seq_length), log)

@@ -299,7 +299,7 @@ def _flip_64_bytes(path):
 def test_every_file_of_a_checkpoint_has_a_recorded_checksum(saved):
     import json
 
-    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE, checkpoint_problems
+    from megatron_tempnet.checkpoint import CHECKSUM_FILE, checkpoint_problems
 
     for it in ("iter_0000002", "iter_0000004"):
         files = json.loads((saved / it / CHECKSUM_FILE).read_text())["files"]
@@ -309,7 +309,7 @@ def test_every_file_of_a_checkpoint_has_a_recorded_checksum(saved):
 
 
 def test_damage_is_found_by_size_or_hash_and_old_checkpoints_load_unverified(saved, tmp_path):
-    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE, checkpoint_problems
+    from megatron_tempnet.checkpoint import CHECKSUM_FILE, checkpoint_problems
 
     run = _copy(saved, tmp_path)
     latest = run / "iter_0000004"
@@ -330,7 +330,7 @@ def test_damage_is_found_by_size_or_hash_and_old_checkpoints_load_unverified(sav
 def test_a_missing_latest_checkpoint_names_the_newest_complete_one(saved, tmp_path):
     import shutil
 
-    from megatron_tempnet.training.checkpointing import CheckpointError, resolve_checkpoint
+    from megatron_tempnet.checkpoint import CheckpointError, resolve_checkpoint
 
     run = _copy(saved, tmp_path)
     shutil.rmtree(run / "iter_0000004")
@@ -356,7 +356,7 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_the_last_good_one(saved, 
 
 @pytest.mark.slow
 def test_a_checkpoint_without_checksums_loads_and_says_it_is_unverified(saved, tmp_path):
-    from megatron_tempnet.training.checkpoint_integrity import CHECKSUM_FILE
+    from megatron_tempnet.checkpoint import CHECKSUM_FILE
 
     run = _copy(saved, tmp_path)
     (run / "iter_0000004" / CHECKSUM_FILE).unlink()
@@ -377,7 +377,7 @@ def test_ctrl_c_saves_like_sigterm_and_does_not_ask_for_a_requeue(tmp_path, npro
 
     from helpers import free_port
     from launch import finish, torchrun, wait_for_line
-    from megatron_tempnet.training.checkpointing import TRACKER_FILE
+    from megatron_tempnet.checkpoint import TRACKER_FILE
     from megatron_tempnet.training.signals import REQUEUE_MARKER
 
     save = tmp_path / "run"

@@ -16,7 +16,7 @@ TP2PP2 = dict(parallel__tensor_model_parallel_size=2, parallel__pipeline_model_p
 def _runs(items):
     """Rank function: several runs in one process group, each building a fresh model. An item is a
     Config, or ("error", Config): then the run must fail and its message is returned."""
-    from megatron_tempnet.training.checkpointing import CheckpointError
+    from megatron_tempnet.checkpoint import CheckpointError
     from megatron_tempnet.training.loop import train
 
     out = []
@@ -52,7 +52,7 @@ def tp2pp2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_resume_is_exact_tp2_pp2_with_tempnet(tp2pp2):
-    from megatron_tempnet.training.checkpointing import TRACKER_FILE, read_checkpoint_tensors, read_info
+    from megatron_tempnet.checkpoint import TRACKER_FILE, read_checkpoint_tensors, read_info
 
     root, (straight, first, resumed) = tp2pp2
     assert len(straight) == N and len(first) == N // 2 and len(resumed) == N // 2
@@ -119,7 +119,7 @@ def test_bf16_with_fp32_tempnet_resume_is_exact(tmp_path):
     resumed = _cfg("gpt", str(tmp_path / "split"), N, checkpoint__load=str(tmp_path / "split"), **kw)
     s, f, r = spawn(_runs, 1, [straight, first, resumed])[0]
     assert f + r == s
-    from megatron_tempnet.training.checkpointing import read_info
+    from megatron_tempnet.checkpoint import read_info
 
     assert read_info(tmp_path / "split" / f"iter_{N:07d}")["config"]["parallel"]["use_distributed_optimizer"]
 
@@ -130,7 +130,7 @@ def test_bf16_with_fp32_tempnet_resume_is_exact(tmp_path):
 
 
 def _fake_checkpoint(d, iteration=2, **config_overrides):
-    from megatron_tempnet.training.checkpointing import FORMAT, FORMAT_VERSION, INFO_FILE
+    from megatron_tempnet.checkpoint import FORMAT, FORMAT_VERSION, INFO_FILE
 
     d.mkdir(parents=True)
     (d / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
@@ -143,7 +143,7 @@ def _fake_checkpoint(d, iteration=2, **config_overrides):
 
 
 def test_missing_and_partial_checkpoints_are_named(tmp_path):
-    from megatron_tempnet.training.checkpointing import CheckpointError, TRACKER_FILE, resolve_checkpoint
+    from megatron_tempnet.checkpoint import CheckpointError, TRACKER_FILE, resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="does not exist; check the path"):
         resolve_checkpoint(tmp_path / "nowhere")
@@ -173,7 +173,7 @@ def test_missing_and_partial_checkpoints_are_named(tmp_path):
 
 
 def test_other_model_shape_and_impossible_layout_are_refused(tmp_path):
-    from megatron_tempnet.training.checkpointing import (CheckpointError, check_layout_fits, check_model_matches,
+    from megatron_tempnet.checkpoint import (CheckpointError, check_layout_fits, check_model_matches,
                                                          read_info)
 
     ckpt = _fake_checkpoint(tmp_path / "iter_0000002")
@@ -194,7 +194,7 @@ def test_other_model_shape_and_impossible_layout_are_refused(tmp_path):
 
 def test_metadata_that_would_run_code_is_refused(tmp_path):
     """DCP's .metadata is a pickle: ours is read with an unpickler that builds only metadata classes."""
-    from megatron_tempnet.training.checkpointing import CheckpointError, checkpoint_tensor_shapes
+    from megatron_tempnet.checkpoint import CheckpointError, checkpoint_tensor_shapes
 
     class Evil:
         def __reduce__(self):
@@ -208,7 +208,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
 
 
 def test_model_only_checkpoint_cannot_be_resumed(tmp_path):
-    from megatron_tempnet.training.checkpointing import CheckpointError, INFO_FILE, load_checkpoint
+    from megatron_tempnet.checkpoint import CheckpointError, INFO_FILE, load_checkpoint
 
     ckpt = _fake_checkpoint(tmp_path / "iter_0000000", iteration=0)
     info = json.loads((ckpt / INFO_FILE).read_text())
@@ -220,7 +220,7 @@ def test_model_only_checkpoint_cannot_be_resumed(tmp_path):
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    from megatron_tempnet.training.checkpointing import _prune
+    from megatron_tempnet.checkpoint import prune_checkpoints as _prune
 
     for it in (1, 2, 3, 4, 5):
         _fake_checkpoint(tmp_path / f"iter_{it:07d}", iteration=it)

@@ -1,15 +1,17 @@
 """A run killed while saving leaves the previous checkpoint loadable, and `--load` resumes from it.
 
-The trainer runs as users start it (`python -m megatron_tempnet.train`, one CPU rank). A test hook
-(MEGATRON_TEMPNET_TEST_SAVE_HOOK) stops the save of iteration 4 at two points: after every file of the
-checkpoint is written into its temporary folder (the process is then killed with SIGKILL), and after the
-folder is renamed but before the tracker file is replaced (the process exits at once)."""
+The trainer runs as users start it (`python -m megatron_tempnet.train`, one CPU rank), or, to crash it, through
+tests/save_hook_trainer.py: the same trainer with a save-stage hook (checkpoint.add_save_stage_hook) that stops
+the save of iteration 4 at two points: after every file of the checkpoint is written into its temporary folder
+(the process is then killed with SIGKILL), and after the folder is renamed but before the tracker file is
+replaced (the process exits at once)."""
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,12 +27,10 @@ MODEL = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-si
 
 def _start(save, hook=None):
     env = dict(os.environ, MASTER_PORT=str(free_port()))
-    env.pop("MEGATRON_TEMPNET_TEST_SAVE_HOOK", None)
-    if hook:
-        env["MEGATRON_TEMPNET_TEST_SAVE_HOOK"] = hook
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "megatron_tempnet.train", *MODEL, "--save", str(save), "--load", str(save)]
+    trainer = [str(Path(__file__).with_name("save_hook_trainer.py")), hook] if hook else ["-m", "megatron_tempnet.train"]
+    cmd = [sys.executable, *trainer, *MODEL, "--save", str(save), "--load", str(save)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
@@ -56,7 +56,7 @@ def _losses(stdout):
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
-    from megatron_tempnet.training.checkpointing import TRACKER_FILE, read_info, resolve_checkpoint
+    from megatron_tempnet.checkpoint import TRACKER_FILE, read_info, resolve_checkpoint
 
     save = tmp_path / "ckpt"
 

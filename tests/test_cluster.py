@@ -97,7 +97,7 @@ def test_killed_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
     log = "".join(seen) + out
     assert re.search(r"rank\s*:\s*2 ", log) or "rank2" in log, log[-3000:]  # torchrun names the dead rank
     # the last published checkpoint loads and training continues from it
-    from megatron_tempnet.training.checkpointing import resolve_checkpoint
+    from megatron_tempnet.checkpoint import resolve_checkpoint
 
     last = resolve_checkpoint(save)
     it = int(last.name.split("_")[1])
@@ -142,7 +142,7 @@ def test_stalled_collective_times_out_naming_phase_and_operation():
 
 def _nonfinite_run(cfg, bad_steps):
     from megatron_tempnet.training import loop, step
-    from megatron_tempnet.training.checkpointing import read_checkpoint_tensors, resolve_checkpoint
+    from megatron_tempnet.checkpoint import read_checkpoint_tensors, resolve_checkpoint
 
     original = step.loss_func
     count = {"calls": 0}

@@ -308,7 +308,7 @@ def test_half_a_tempnet_is_refused(converted, tmp_path):
 
 
 def test_converted_llama_starts_a_frozen_lm_tempnet_run(converted):
-    from megatron_tempnet.training.checkpointing import read_checkpoint_tensors
+    from megatron_tempnet.checkpoint import read_checkpoint_tensors
 
     root, ours = converted
     assert len(ours["frozen_losses"]) == 1

@@ -171,7 +171,7 @@ def seconds(runtime: str) -> int:
 
 
 def final_tensors(ckpt) -> dict:
-    from megatron_tempnet.training.checkpointing import read_checkpoint_tensors, resolve_checkpoint
+    from megatron_tempnet.checkpoint import read_checkpoint_tensors, resolve_checkpoint
 
     return read_checkpoint_tensors(resolve_checkpoint(ckpt))
 

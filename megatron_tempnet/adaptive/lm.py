@@ -96,7 +96,7 @@ class LanguageModel:
         (inference.model.load_checkpoint_model). `tokenizer`: an object with tokenize/detokenize/eod;
         default: the checkpoint's --tokenizer-model."""
         from ..inference.model import load_checkpoint_model
-        from ..training.checkpointing import read_info, resolve_checkpoint
+        from ..checkpoint import read_info, resolve_checkpoint
 
         saved = read_info(resolve_checkpoint(path))["config"]
         if tokenizer is None:

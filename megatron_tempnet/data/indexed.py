@@ -21,7 +21,6 @@ size), counts, and the sha256 and size of the .bin and .idx. preprocess_data wri
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,8 @@ import struct
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from ..files import atomic_write_text, sha256_file
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -187,25 +188,8 @@ def read_json(path: str) -> dict:
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
-    """Write JSON to path.tmp, fsync, rename: readers see the old or the new file, never half of one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 22)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+    """Write JSON (indent 2, a final newline) atomically: readers see the old or the new file, never half of one."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_meta(prefix: str) -> Optional[dict]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..files import atomic_write_text
 from .indexed import HEADER_BYTES, DatasetError, bin_path, check_dataset_prefix, idx_path, normalize_prefix
 
 STATS_SUFFIX = ".token_stats.json"
@@ -85,18 +86,12 @@ def token_stats(prefix: str, cache_dir: Optional[str] = None) -> dict:
             continue
     stats = {**_compute(prefix, info), "files": key}
     for path in candidates:  # the first place that takes it
-        tmp = f"{path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(stats, f)
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(stats))
             break
         except OSError:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+            pass
     return stats
 
 

@@ -27,6 +27,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
+from ..files import atomic_write_bytes, atomic_write_text, sha256_file
+
 # Files that define a Hugging Face tokenizer folder; hashed (when present) in this order.
 _HF_FILES = (
     "tokenizer.json",
@@ -45,18 +47,6 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded or used. The message names the problem and the fix."""
 
 
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_hash(path: str | os.PathLike) -> str:
     """Content hash of a tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer folder."""
     p = Path(path)
@@ -67,11 +57,11 @@ def tokenizer_hash(path: str | os.PathLike) -> str:
             f = p / name
             if f.is_file():
                 found = True
-                h.update(name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+                h.update(name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
         if not found:
             raise TokenizerError(f"{p} is a folder without tokenizer files ({', '.join(_HF_FILES[:3])}, ...)")
         return h.hexdigest()
-    return file_sha256(p)
+    return sha256_file(p)
 
 
 class _TokenizerBase:
@@ -434,15 +424,10 @@ def train_sentencepiece(
         raise TrainError("no text to train on: the inputs are empty or every record was unusable (check --json-keys)")
     # write .model then .vocab via temporary names, so a crash never leaves a partial model file
     path = model_prefix + ".model"
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, model.getvalue())
     tok = SentencePieceTokenizer(path)
-    with open(model_prefix + ".vocab.tmp", "w", encoding="utf-8") as f:
-        for i in range(tok.vocab_size):
-            f.write(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n")
-    os.replace(model_prefix + ".vocab.tmp", model_prefix + ".vocab")
+    atomic_write_text(model_prefix + ".vocab", "".join(
+        f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size)))
     return {
         "model": path,
         "vocab_size": tok.vocab_size,

@@ -179,7 +179,7 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
     written by export_to_hf comes along."""
     from ..config import Config, padded_vocab_size
     from ..inference.model import build_model, ensure_single_process_group
-    from ..training.checkpointing import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     src = Path(hf_dir)
     hcfg = read_hf_config(hf_dir)

@@ -60,7 +60,7 @@ def ensure_single_process_group(seed: int = 1234) -> None:
     import torch.distributed as dist
 
     from .. import platform
-    from ..training.checkpointing import CheckpointError
+    from ..checkpoint import CheckpointError
 
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise CheckpointError("inference on our checkpoints runs in one process; start it without torchrun")
@@ -87,7 +87,7 @@ def build_model(cfg: Config):
 def load_checkpoint_model(path: str | os.PathLike):
     """(model, inference config, checkpoint folder) for a checkpoint of ours (a save folder: its latest;
     or one iter_N folder), weights loaded."""
-    from ..training.checkpointing import load_model_weights, read_info, resolve_checkpoint
+    from ..checkpoint import load_model_weights, read_info, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     cfg = inference_config(read_info(ckpt)["config"])

@@ -33,6 +33,9 @@ Two ways to get the first layer, with the same result:
   (`shared_across_micro_batches`, entered by the training step).
 
 Every parameter carries `is_tempnet_parameter = True`, so the optimizer can give TempNet its own learning rate.
+
+Checkpoints: both modules say how they are stored (`sharded_state_dict`, as megatron-core modules do): TempNet's
+W1 [d, V/TP] as one global [d, V_padded] tensor split by TP along dim 1, everything else replicated.
 """
 from __future__ import annotations
 
@@ -59,6 +62,18 @@ def tau_logit(tau: float, tau_min: float, tau_max: float) -> float:
     """The pre-sigmoid score at which tau_min + (tau_max - tau_min) sigmoid(score) equals tau."""
     q = (tau - tau_min) / (tau_max - tau_min)
     return math.log(q / (1 - q))
+
+
+def _sharded_state_dict(module: torch.nn.Module, prefix: str, sharded_offsets: tuple, metadata: Optional[dict],
+                        tp_split: dict) -> dict:
+    """megatron-core ShardedTensors of `module`'s state: the parameters named in `tp_split` split by TP along
+    the given dim, the rest replicated over TP and DP."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    dp_cp_group = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return make_sharded_tensors_for_checkpoint(
+        module.state_dict(prefix="", keep_vars=True), prefix, tp_split, sharded_offsets,
+        tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=dp_cp_group)
 
 
 def _vocab_shard(padded_vocab_size: int) -> tuple[int, int]:
@@ -108,6 +123,11 @@ class TempNet(torch.nn.Module):
         # W1 C, C^T C, ... of the current weights and W1's gradient accumulator, shared by the micro-batches of
         # one step (None: off); see shared_across_micro_batches.
         self._step_cache: Optional[dict] = None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """W1 ([d, V/TP], vocabulary-parallel) split by TP along dim 1, the rest replicated. (megatron-core's
+        default for a plain module would mark W1 replicated too.)"""
+        return _sharded_state_dict(self, prefix, sharded_offsets, metadata, {"w1": 1})
 
     # -- first layer -------------------------------------------------------------------------------------
 
@@ -215,3 +235,7 @@ class GlobalTemperature(torch.nn.Module):
 
     def forward_from_hidden(self, hidden, output_weight, logit_max=None) -> torch.Tensor:
         return self._tau(hidden.shape[:-1], hidden.device)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """theta, replicated."""
+        return _sharded_state_dict(self, prefix, sharded_offsets, metadata, {})

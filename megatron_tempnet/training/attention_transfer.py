@@ -57,7 +57,7 @@ _FLAG = "--attention-transfer-teacher-checkpoint"
 
 def teacher_checkpoint(cfg: Config) -> Path:
     """The teacher's iteration folder, or a clear error."""
-    from .checkpointing import CheckpointError, resolve_checkpoint
+    from ..checkpoint import CheckpointError, resolve_checkpoint
 
     path = cfg.attention_transfer.teacher_checkpoint
     if not path:
@@ -76,7 +76,7 @@ def teacher_config(cfg: Config) -> Config:
     """This run's configuration with the teacher's model: the checkpoint's model flags, this run's sequence
     length, layout and seed; no TempNet, no dropout, precision "auto". Refuses a teacher that cannot teach
     this student (layers, heads, vocabulary, positions, TP/PP split), naming the difference and the fix."""
-    from .checkpointing import check_layout_fits, read_info
+    from ..checkpoint import check_layout_fits, read_info
 
     ckpt = teacher_checkpoint(cfg)
     saved = read_info(ckpt)["config"]["model"]
@@ -156,7 +156,7 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
     the frozen, non-FP8 teacher does not use them."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from .checkpointing import (check_integrity, checkpoint_tensor_shapes, model_sharded_state_dict, safe_dist_load,
+    from ..checkpoint import (check_integrity, checkpoint_tensor_shapes, model_sharded_state_dict, safe_dist_load,
                                 sharded_state_dict_metadata)
 
     check_integrity(ckpt, None)

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..config import Config
+
 
 @dataclass
 class Batch:
@@ -74,3 +76,12 @@ def micro_batches(
             first = step_start + j * micro_batch_size * dp_size + dp_rank * micro_batch_size
             yield collate([dataset[(first + k) % n] for k in range(micro_batch_size)], device)
         step_start += global_batch_size
+
+
+def valid_consumed_samples(cfg: Config, iteration: int) -> int:
+    """Validation samples an uninterrupted run has used by `iteration` (one evaluation of eval_iters
+    global batches every eval_interval iterations), so resumed evaluations continue the same stream."""
+    t = cfg.train
+    if not t.eval_interval:
+        return 0
+    return (iteration // t.eval_interval) * t.eval_iters * t.global_batch_size

@@ -14,7 +14,7 @@ from .. import platform
 from ..adaptive.lm import LanguageModel, ensure_process_group, mixture_lm_config
 from ..adaptive.tasks import MixtureCorpus, MixtureTokenizer
 from ..config import Config, validate
-from .checkpointing import save_checkpoint
+from ..checkpoint import save_checkpoint
 from .loop import data_iterators, setup_run
 from .step import train_step
 

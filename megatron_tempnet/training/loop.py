@@ -111,7 +111,8 @@ def setup_run(cfg: Config):
 
 def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
     """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics."""
-    from .checkpointing import load_checkpoint, load_model_weights, save_checkpoint, valid_consumed_samples
+    from ..checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from .batches import valid_consumed_samples
 
     state = state if state is not None else RunState()
     model, optimizer, scheduler = setup_run(cfg)

@@ -107,8 +107,7 @@ def _check_tokenizer(cfg: Config) -> str:
 
 
 def _check_checkpoint(cfg: Config) -> str:
-    from .checkpoint_integrity import verify_checkpoint
-    from .checkpointing import check_layout_fits, check_model_matches, read_info, resolve_checkpoint
+    from ..checkpoint import check_layout_fits, check_model_matches, read_info, resolve_checkpoint, verify_checkpoint
 
     ck, p = cfg.checkpoint, cfg.parallel
     found = []

@@ -1,5 +1,8 @@
 """Checksums of a checkpoint's files: recorded when it is published, verified before it is loaded.
 
+checksums.json (JSON, indent 1): {"algorithm": "sha256", "files": {file name: {"bytes": int, "sha256": hex}}}
+for every file of the iter_N folder but itself and tempnet_checkpoint.json.
+
 torch DCP reads whatever bytes a .distcp file holds: 64 flipped bytes load without complaint and give a
 model that generates garbage, and a deleted file fails deep inside DCP with a long traceback. So a save
 records the size and sha256 of every file of the checkpoint in `checksums.json` (written before
@@ -20,7 +23,9 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
-from ..data.indexed import sha256_file
+from ..files import atomic_write_text, sha256_file
+from .folders import CheckpointError, complete_checkpoints
+from .safe_load import safe_fs_reader
 
 CHECKSUM_FILE = "checksums.json"
 _UNHASHED = {CHECKSUM_FILE, "tempnet_checkpoint.json"}  # written after the checksums
@@ -50,20 +55,13 @@ def record_checksums(folder: Path) -> None:
     entries = _share(names, lambda n: (n, {"bytes": (folder / n).stat().st_size,
                                            "sha256": sha256_file(str(folder / n))}))
     if _rank_world()[0] == 0:
-        tmp = folder / f".{CHECKSUM_FILE}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"algorithm": "sha256", "files": dict(entries)}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / CHECKSUM_FILE)
+        atomic_write_text(folder / CHECKSUM_FILE, json.dumps({"algorithm": "sha256", "files": dict(entries)}, indent=1))
 
 
 def _dcp_ranges(folder: Path) -> Dict[str, int]:
     """Bytes each .distcp file must have at least, from DCP's .metadata (read with the safe unpickler)."""
-    from .checkpointing import _safe_strategies
-
     need: Dict[str, int] = {}
-    metadata = _safe_strategies()[0].reader(str(folder)).read_metadata()
+    metadata = safe_fs_reader(folder).read_metadata()
     for info in (metadata.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
     return need
@@ -105,8 +103,6 @@ def checkpoint_problems(folder: str | os.PathLike, *, hashes: bool = True) -> tu
 def last_intact_checkpoint(save_dir: Path, but: Path) -> Optional[Path]:
     """The newest complete checkpoint of `save_dir` other than `but` whose files have their sizes (hashes are
     not read: this names a candidate, and loading it verifies it in full)."""
-    from .checkpointing import complete_checkpoints
-
     for candidate in reversed(complete_checkpoints(save_dir)):
         if candidate.resolve() != but.resolve() and not checkpoint_problems(candidate, hashes=False)[0]:
             return candidate
@@ -116,8 +112,6 @@ def last_intact_checkpoint(save_dir: Path, but: Path) -> Optional[Path]:
 def verify_checkpoint(folder: Path, *, hashes: bool = True) -> bool:
     """Refuse a damaged checkpoint (CheckpointError naming the file and the newest intact checkpoint);
     return whether it was verified against recorded checksums (False: written before they were)."""
-    from .checkpointing import CheckpointError
-
     problems, verified = checkpoint_problems(folder, hashes=hashes)
     if problems:
         good = last_intact_checkpoint(folder.parent, folder)
