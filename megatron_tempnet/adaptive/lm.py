@@ -46,7 +46,7 @@ class LanguageModel:
     """A TempNetGPTModel in evaluation mode with its tokenizer; forward gives (logits, tau, hidden)."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, tokenizer):
-        from ..training.model_setup import unwrap
+        from ..models.build import unwrap
 
         self.model = unwrap(model)
         self.model.eval()

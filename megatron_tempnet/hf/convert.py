@@ -24,7 +24,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
+from ..config import Config, ModelConfig
+from ..models.registry import model_dims
 
 SUPPORTED_TO_HF = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 SUPPORTED_FROM_HF = {"llama": "LlamaForCausalLM"}
@@ -60,14 +61,14 @@ def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] 
 
         return (TempNetGPT2Config if tempnet else GPT2Config)(
             vocab_size=m.vocab_size, n_positions=positions, n_embd=m.hidden_size, n_layer=m.num_layers,
-            n_head=heads, n_inner=ffn_hidden_size(m), activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+            n_head=heads, n_inner=model_dims(m).ffn_hidden_size, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, layer_norm_epsilon=m.norm_epsilon, initializer_range=m.init_method_std,
             scale_attn_weights=True, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
             pad_token_id=pad, architectures=["GPT2LMHeadModel"], dtype="float32", **extra)
     from transformers import LlamaConfig
 
     return (TempNetLlamaConfig if tempnet else LlamaConfig)(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=ffn_hidden_size(m),
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=model_dims(m).ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=groups, head_dim=hd,
         hidden_act="silu", max_position_embeddings=positions, initializer_range=m.init_method_std,
         rms_norm_eps=m.norm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
@@ -121,7 +122,7 @@ def to_hf_state_dict(cfg: Config, sd: Dict[str, torch.Tensor]) -> Dict[str, torc
         out["lm_head.weight"] = out["transformer.wte.weight"]
         return out
     out["model.embed_tokens.weight"] = get("embedding.word_embeddings.weight")[:V]
-    ffn = ffn_hidden_size(m)
+    ffn = model_dims(m).ffn_hidden_size
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
@@ -208,7 +209,7 @@ def model_config_from_hf(hf_cfg: dict) -> ModelConfig:
 
 def from_hf_state_dict(m: ModelConfig, hf: Dict[str, torch.Tensor], tie_word_embeddings: bool) -> Dict[str, torch.Tensor]:
     """A Hugging Face LLaMA state dict -> our TP = 1 model state dict (vocabulary padded with zeros)."""
-    Vp = padded_vocab_size(m)
+    Vp = model_dims(m).padded_vocab_size
 
     def pad_rows(w):
         out = torch.zeros(Vp, *w.shape[1:], dtype=w.dtype)

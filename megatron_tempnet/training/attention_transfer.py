@@ -44,8 +44,9 @@ from megatron.core.utils import get_model_config
 from .. import platform
 from ..config import Config, ConfigError, ModelConfig
 from ..models.explicit_attention import ExplicitAttention, TransferContext
+from ..models.build import params_dtype, unwrap, use_transformer_engine
+from ..models.registry import get_family
 from .extensions import StepExtension
-from .model_setup import params_dtype, unwrap, use_transformer_engine
 
 
 class AttentionTransferError(ConfigError):
@@ -92,7 +93,7 @@ def teacher_config(cfg: Config) -> Config:
         problems.append(f"its vocabulary has {tm.vocab_size} tokens, the student's {m.vocab_size}: they must use the "
                         "same tokenizer")
     teacher_positions = tm.max_position_embeddings or tm.seq_length
-    if tm.arch == "gpt" and teacher_positions < m.seq_length:
+    if get_family(tm.arch).learned_positions and teacher_positions < m.seq_length:
         problems.append(f"its learned position embeddings cover {teacher_positions} tokens, fewer than --seq-length "
                         f"{m.seq_length}")
     if problems:

@@ -13,8 +13,9 @@ from typing import Callable, Optional
 from .. import platform
 from ..adaptive.lm import LanguageModel, ensure_process_group, mixture_lm_config
 from ..adaptive.tasks import MixtureCorpus, MixtureTokenizer
-from ..config import Config, validate
+from ..config import Config
 from ..checkpoint import save_checkpoint
+from ..finalize import validate
 from .loop import data_iterators, setup_run
 from .step import train_step
 
