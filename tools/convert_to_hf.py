@@ -4,7 +4,7 @@
     # ours (a save folder or one iter_N folder, saved at any TP/PP) -> Hugging Face
     python tools/convert_to_hf.py --load runs/llama --out hf/llama [--tokenizer-model tok.model] [--dtype bf16]
 
-    # a Hugging Face LLaMA folder -> a model-only checkpoint of ours, to finetune or to give a TempNet:
+    # a Hugging Face LLaMA or GPT-2 folder -> a model-only checkpoint of ours, to finetune or to give a TempNet:
     python tools/convert_to_hf.py --from-hf hf/llama --out ckpt/llama
     python -m megatron_tempnet.train ... --pretrained-checkpoint ckpt/llama --mode frozen_lm --tempnet-enabled
 
@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--load", metavar="DIR",
                      help="our checkpoint to export: a --save folder (its latest) or one iter_N folder (this or --from-hf "
                           "is required)")
-    src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
+    src.add_argument("--from-hf", metavar="HF_DIR",
+                     help="a Hugging Face LLaMA or GPT-2 folder to convert into our checkpoint format")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder; new or empty (required)")
     p.add_argument("--tokenizer-model", metavar="PATH",
                    help="tokenizer to ship with --load (default: the one the run was trained with)")
