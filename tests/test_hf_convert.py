@@ -3,8 +3,8 @@ logits and per-token temperatures equal ours (LLaMA's TempNet with the scale inp
 (trust_remote_code=True: generate and pipeline) samples the tokens, with the temperatures, of our generator
 at the same seed; without remote code the folder is the plain architecture; half a TempNet is refused;
 LLaMA HF -> ours -> HF is identical; a converted LLaMA starts a frozen-LM TempNet run; unsupported folders
-are refused with the reason; GPT HF -> ours -> HF is
-identical too."""
+are refused with the reason; export reads a TP=2 x PP=2 checkpoint without torch.distributed; GPT HF -> ours -> HF
+is identical too."""
 import json
 import os
 import shutil
@@ -191,6 +191,45 @@ def test_llama_round_trip_is_identical(converted):
 def test_gpt_round_trip_is_identical(converted):
     root, _ = converted
     _assert_same_folders(root / "hf_gpt", root / "hf_gpt_again")
+
+
+EXPORT_WITHOUT_PROCESS_GROUP = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+def refuse(*args, **kwargs):
+    raise AssertionError("export started a process group or built a megatron model")
+
+dist.init_process_group = refuse
+GPTModel.__init__ = refuse
+from megatron_tempnet.hf.io import export_to_hf
+
+for ckpt, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    export_to_hf(ckpt, out)
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+print("exported without a process group")
+"""
+
+
+def test_export_of_a_tp2_pp2_checkpoint_needs_no_process_group(converted, tmp_path):
+    """In a fresh process where starting a process group or building a megatron model fails, both TP=2 x PP=2
+    checkpoints export to the folders the tests above check (identical tensors and configs)."""
+    from megatron_tempnet.training.checkpointing import read_info, resolve_checkpoint
+
+    root, _ = converted
+    args = []
+    for arch in ("gpt", "llama"):
+        layout = read_info(resolve_checkpoint(root / arch))["layout"]
+        assert (layout["tp"], layout["pp"]) == (2, 2)
+        args += [str(root / arch), str(tmp_path / arch)]
+    proc = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_PROCESS_GROUP, *args], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and "exported without a process group" in proc.stdout, proc.stderr[-3000:]
+    for arch in ("gpt", "llama"):
+        _assert_same_folders(root / f"hf_{arch}", tmp_path / arch)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])

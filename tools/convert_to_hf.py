@@ -13,7 +13,8 @@ built from the sentencepiece model, plus the .model itself). With TempNet the fo
 (modeling_tempnet.py and the files it imports, auto_map in config.json): loaded with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (or through `pipeline`), its `generate`
 samples with TempNet's per-token temperatures like `python -m megatron_tempnet.generate`; loaded without
-trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun.
+trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun
+(export starts no process group).
 """
 from __future__ import annotations
 

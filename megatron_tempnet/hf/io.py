@@ -1,9 +1,9 @@
 """Convert whole checkpoints: ours -> a Hugging Face folder, and a Hugging Face folder -> ours.
 
-Both run in one process on a 1-rank process group (megatron-core needs one to build and load a model):
-our checkpoint, saved at any TP/PP, is loaded at TP = PP = 1 through dist_checkpointing (resharding), and
-mapped by its family's adapter (models/<family>/hf_adapter.py).
-Callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
+Export runs in this process without torch.distributed: our checkpoint, saved at any TP/PP, is read as full
+tensors (checkpoint_state.py) and mapped by its family's adapter (models/<family>/hf_adapter.py). Import
+builds our model at TP = PP = 1 on a 1-rank process group (megatron-core needs one to save a checkpoint);
+callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
 
 The Hugging Face folder holds: config.json, generation_config.json (sampling as
 `python -m megatron_tempnet.generate` does by default: do_sample, top_k 0, top_p 1, temperature 1),
@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .checkpoint_state import model_state_dict
 from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_adapter, hf_config,
                       model_config_from_hf, tempnet_from_hf, tempnet_hf_config, tempnet_to_hf, to_hf_state_dict)
 from .tempnet_processor import WEIGHT_PREFIX, TempNetFolderError, check_folder
@@ -77,17 +78,19 @@ def _generation_config(special: dict, tempnet: Optional[dict]):
 
 def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str] = None, dtype: str = "fp32",
                  overwrite: bool = False) -> Path:
-    """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder."""
-    from ..inference.model import load_checkpoint_model
+    """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder, in this process
+    without torch.distributed: no megatron model is built."""
+    from ..inference.model import inference_config
+    from ..training.checkpointing import check_integrity, read_info, resolve_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty; pass an empty or new folder (or --overwrite)")
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
-    model, cfg, ckpt = load_checkpoint_model(ckpt_path)
-    info = {"iteration": json.loads((ckpt / "tempnet_checkpoint.json").read_text())["iteration"]}
-    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ckpt = resolve_checkpoint(ckpt_path)
+    info = read_info(ckpt)
+    cfg = inference_config(info["config"])
     adapter = hf_adapter(cfg.model)
     tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
     if tokenizer_model and not Path(tokenizer_model).exists():
@@ -95,7 +98,9 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
                               "--tokenizer-model with the tokenizer the model was trained with")
     special = _special_ids(tokenizer_model)
     tn_config = tempnet_hf_config(cfg) if cfg.tempnet.enabled else None
-    hcfg = hf_config(cfg, special, tn_config)
+    hcfg = hf_config(cfg, special, tn_config)  # before any tensor is read: refuses what has no Hugging Face class
+    check_integrity(ckpt, cfg)
+    sd = model_state_dict(ckpt, cfg.model)
     tn_tensors = tempnet_to_hf(cfg, sd) if tn_config else {}
     hf_model = _hf_model_class(hcfg, adapter.architecture)(hcfg)
     try:
