@@ -139,14 +139,15 @@ def train_run(spec: dict) -> dict:
     import torch
 
     from megatron_tempnet.config import load_config
+    from megatron_tempnet.finalize import resolve
     from megatron_tempnet.training.checkpointing import save_checkpoint
-    from megatron_tempnet.training.loop import data_iterators, resolve_vocab_size, setup_run
+    from megatron_tempnet.training.loop import data_iterators, setup_run
     from megatron_tempnet.training.step import evaluate, train_step
 
     s, data, run = spec["settings"], spec["data"], spec["run"]
     cfg, _ = load_config(run_flags(run, s, data, spec["teacher_dir"]))
     cfg.data.data_cache_path = spec.get("cache_dir")
-    resolve_vocab_size(cfg)
+    cfg = resolve(cfg).cfg  # the vocabulary from the tokenizer, the optimizer choice
     t0 = time.perf_counter()
     model, optimizer, scheduler = setup_run(cfg)
     windows = heldout_windows(data, cfg.model.seq_length, cfg.model.vocab_size)

@@ -339,7 +339,7 @@ def heldout_metrics(model_chunk, windows, vocab_size: int, micro_batch_size: int
     from megatron.core import parallel_state
 
     from megatron_tempnet import platform
-    from megatron_tempnet.training.batches import causal_mask
+    from megatron_tempnet.models.build import causal_mask
 
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("the ablation's evaluation runs at TP = PP = 1 (full-vocabulary logits on one rank)")

@@ -190,8 +190,8 @@ def measure(model_chunk, heldout, seq_length: int, vocab_size: int, batch: int =
     import torch.nn.functional as F
 
     from megatron_tempnet import platform
-    from megatron_tempnet.training.batches import causal_mask
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import causal_mask
+    from megatron_tempnet.models.build import unwrap
 
     model = unwrap(model_chunk)
     was_training = model.training

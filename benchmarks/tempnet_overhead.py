@@ -49,7 +49,7 @@ def _without_graph(forward):
 
 def build_rows(args) -> list:
     """(name, model, step function) for each row of ROWS."""
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
 
     stacks = build_our_stacks(args, [(name != "baseline", "fused", False) for name in ROWS])
     rows = []

@@ -161,7 +161,7 @@ def _train(cfg, lm_state: Optional[dict]) -> tuple:
     """Train cfg.train.train_iters steps (from lm_state's LM weights when given). Returns (model chunk, seconds)."""
     from benchmarks._shared import train_dataset
     from megatron_tempnet.training.loop import data_iterators, setup_run
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
     from megatron_tempnet.training.step import train_step
 
     model, optimizer, scheduler = setup_run(cfg)

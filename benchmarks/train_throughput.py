@@ -8,7 +8,7 @@ transformers loop, as a side-by-side ratio. One JSON line per row.
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s of the device. FLOPs per token (training, forward + backward):
     6 x (dense parameters: attention q,k,v,o + MLP + output layer) + 12 x layers x hidden x seq_length
-(megatron_tempnet/training/tracker.py: flops_per_token). Peak: dense BF16 by device name (H100/H200: 989 TFLOP/s),
+(megatron_tempnet/models/family.py: ModelFamily.flops_per_token). Peak: dense BF16 by device name (H100/H200: 989 TFLOP/s),
 doubled for FP8. On a CPU no peak is known and MFU is not printed.
 
 Any other flag is a training flag applied to every row of our stack (e.g. `--micro-batch-size 8`).
@@ -89,21 +89,23 @@ def build_our_stacks(args, rows: list) -> list:
 def our_rows(rows: list, stacks: list, seconds: list) -> list:
     """One result row per stack, from its median step time."""
     from megatron_tempnet import platform
-    from megatron_tempnet.training.tracker import flops_per_token, peak_flops
+    from megatron_tempnet.training.tracker import peak_flops
 
     results = []
     for (tempnet, _, fp8), (cfg, model, _), sec in zip(rows, stacks, seconds):
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        lm = model[0].module
+        flops_per_token = lm.family.flops_per_token(lm.dims)
         row = {
             "stack": "megatron-tempnet", "tempnet": tempnet, "loss_impl": model[0].module.loss_impl,
             "precision": "fp8-hybrid" if fp8 else str(model[0].module.config.params_dtype).replace("torch.", ""),
             "device": torch.cuda.get_device_name() if platform.use_cuda() else "cpu",
             "step_s": round(sec, 5), "tokens_per_s": round(tokens / sec, 1),
-            "tflops_per_device": round(tokens / sec * flops_per_token(cfg) / 1e12, 4),
+            "tflops_per_device": round(tokens / sec * flops_per_token / 1e12, 4),
         }
         peak = peak_flops(fp8)
         if peak:
-            row["mfu"] = round(tokens / sec * flops_per_token(cfg) / peak, 4)
+            row["mfu"] = round(tokens / sec * flops_per_token / peak, 4)
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(row)
     return results
@@ -114,13 +116,13 @@ def transformers_loop(args):
     Returns (step function, tokens per step)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_tempnet.config import ffn_hidden_size
+    from megatron_tempnet.models.registry import model_dims
 
     cfg = _stack_config(args, tempnet=False, loss_impl="reference", fp8=False)
     m, t = cfg.model, cfg.train
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=ffn_hidden_size(m),
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=model_dims(m).ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads, max_position_embeddings=m.seq_length,
         rms_norm_eps=m.norm_epsilon, tie_word_embeddings=False, attention_bias=False))

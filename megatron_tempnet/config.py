@@ -7,9 +7,11 @@ flag prefix: `model.num_layers` -> `--num-layers`, `tempnet.lr` -> `--tempnet-lr
 `--dro-rho`. Flags override the YAML file, which overrides the defaults below. Unknown YAML keys are an
 error (with a suggestion), never silently ignored.
 
-`validate(cfg, world_size)` refuses impossible combinations before any rank does work.
+`validate_config(cfg, world_size, ...)` refuses impossible settings before any rank does work. What needs
+more than the settings (the model family's sizes, Transformer Engine's FP8 recipes, a teacher checkpoint, the
+tokenizer's vocabulary) is checked and resolved by finalize.py, which the trainer and the tools call.
+This module imports no other module of the project but its table of fields, config_fields.
 """
-# Over 500 lines: the one config tree with its parser and its combination checks (the per-field table is config_fields.py).
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +35,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"  # "gpt" (GPT-2 shape) or "llama"
+    arch: str = "gpt"  # the model family: a name in models/registry.py
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # grouped-query attention (LLaMA); None = one group per head
-    ffn_hidden_size: Optional[int] = None  # None: 4*hidden (GPT), 8/3*hidden rounded to 64 (LLaMA)
+    ffn_hidden_size: Optional[int] = None  # None: the family's default (models/<arch>/)
     seq_length: int = 64
     max_position_embeddings: Optional[int] = None  # None: seq_length
     vocab_size: Optional[int] = None  # true vocabulary size; None: the tokenizer's (required with --mock-data)
@@ -48,6 +51,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: str = "auto"  # "auto" (TE when a GPU and TE are present), "local", "transformer_engine"
+    untie_embeddings_and_output_weights: Optional[bool] = None  # None: the family's default
 
 
 @dataclass
@@ -56,7 +60,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False  # switched on for 16-bit training with TempNet (loop.resolve_distributed_optimizer)
+    use_distributed_optimizer: bool = False  # switched on for 16-bit training with TempNet (finalize.py)
     distributed_backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl", "gloo"
     distributed_timeout_minutes: float = 10.0  # a collective that waits longer fails, naming the operation
 
@@ -209,11 +213,11 @@ class _ConfigErrorParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _flag_help(section: str, name: str, default: Any) -> str:
+def _flag_help(section: str, name: str, default: Any, choices: typing.Optional[typing.Sequence[str]]) -> str:
     key = f"{section}.{name}"
     text = HELP.get(key, "")
-    if key in CHOICES:
-        text += f" (choices: {format_choices(CHOICES[key])})"
+    if choices:
+        text += f" (choices: {format_choices(choices)})"
     if key in RANGES:
         text += f" (must be {describe_range(RANGES[key])})"
     shown = "unset" if default is None or default == [] else default
@@ -221,9 +225,11 @@ def _flag_help(section: str, name: str, default: Any) -> str:
 
 
 def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: str = "megatron_tempnet.train",
-                 description: str = "Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config."
-                 ) -> argparse.ArgumentParser:
-    """The trainer's flags (every field of Config), after those of `parents` (a tool's own flags)."""
+                 description: str = "Train GPT/LLaMA with a TempNet head on megatron-core. Flags override --config.",
+                 choices: Mapping[str, typing.Sequence[str]] = {}) -> argparse.ArgumentParser:
+    """The trainer's flags (every field of Config), after those of `parents` (a tool's own flags).
+    `choices`: the values of fields whose choices another layer owns ("model.arch": the registered model
+    families, finalize.build_parser), shown by --help beside those of config_fields.CHOICES."""
     parser = _ConfigErrorParser(
         prog=prog, parents=list(parents), usage="%(prog)s [--config FILE] [--dry-run] [FLAG VALUE ...]",
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -238,14 +244,15 @@ def build_parser(parents: typing.Sequence[argparse.ArgumentParser] = (), prog: s
             base = _base_type(tp)
             dest = f"{section}.{name}"
             default = getattr(getattr(defaults, section), name)
-            kw = dict(dest=dest, default=None, help=_flag_help(section, name, default))
+            allowed = CHOICES.get(dest) or choices.get(dest)
+            kw = dict(dest=dest, default=None, help=_flag_help(section, name, default, allowed))
             if base is bool:
                 group.add_argument(_flag(section, name), action=argparse.BooleanOptionalAction, **kw)
             elif base is list or typing.get_origin(base) is list:
                 group.add_argument(_flag(section, name), nargs="+", metavar=name.upper(), **kw)
             else:
-                # Choices are checked by validate(), for flags and YAML keys alike (one message for both).
-                metavar = "{" + ",".join(CHOICES[dest]) + "}" if dest in CHOICES else name.upper()
+                # Choices are checked by validation, for flags and YAML keys alike (one message for both).
+                metavar = "{" + ",".join(allowed) + "}" if allowed else name.upper()
                 group.add_argument(_flag(section, name), type=base, metavar=metavar, **kw)
     return parser
 
@@ -306,20 +313,6 @@ def load_config(argv: Optional[list[str]] = None, *, parser: Optional[argparse.A
     return cfg, args
 
 
-def padded_vocab_size(cfg: ModelConfig) -> int:
-    """Vocabulary padded to a multiple of make_vocab_size_divisible_by (independent of TP on purpose)."""
-    m = cfg.make_vocab_size_divisible_by
-    return int(math.ceil(cfg.vocab_size / m) * m)
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_size is not None:
-        return cfg.ffn_hidden_size
-    if cfg.arch == "llama":
-        return int(math.ceil(8 * cfg.hidden_size / 3 / 64) * 64)
-    return 4 * cfg.hidden_size
-
-
 def dro_rho(loss: LossConfig, vocab_size: int) -> float:
     """The DRO radius rho in nats: --dro-rho, else log V - --dro-target-entropy, else log V (which with tau = 1
     is plain cross-entropy)."""
@@ -370,42 +363,9 @@ def _check_field_values(cfg: Config) -> None:
                 raise ConfigError(f"{flag} must be {problem}; got {value!r} (see --help for what it means)")
 
 
-def _validate_fp8(cfg: Config, *, cuda_available: bool, te_available: bool) -> None:
-    """FP8 through Transformer Engine: BF16 weights (fp32 master copies in the optimizer), a recipe that the
-    installed TE runs on this GPU (fp8_support.py), and matrix dimensions that FP8 products accept."""
-    from . import fp8_support
-
-    m, t, f = cfg.model, cfg.train, cfg.fp8  # (their choices are checked with every field's, config_fields.CHOICES)
-    if not cuda_available:
-        raise ConfigError(
-            "--fp8-format needs a CUDA GPU (FP8 runs through Transformer Engine); "
-            "drop --fp8-format to train in fp32/bf16 here"
-        )
-    if not te_available:
-        raise ConfigError(
-            "--fp8-format needs Transformer Engine; install it on the GPU machine (examples/gpu/README.md) "
-            "or drop --fp8-format"
-        )
-    if m.transformer_impl == "local":
-        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto), not local")
-    if t.precision in ("fp32", "fp16"):
-        raise ConfigError(f"--fp8-format trains BF16 weights with fp32 master copies; use --precision bf16 (or auto), "
-                          f"not {t.precision}")
-    tp = cfg.parallel.tensor_model_parallel_size
-    tokens = m.seq_length * t.micro_batch_size // (tp if cfg.parallel.sequence_parallel else 1)
-    sizes = {"--hidden-size": m.hidden_size, "FFN size per TP rank": ffn_hidden_size(m) // tp,
-             "tokens per micro-batch and rank (seq-length x micro-batch-size)": tokens}
-    odd = [f"{name} {value}" for name, value in sizes.items() if value % 16]
-    if odd:
-        raise ConfigError(f"FP8 matrix products need dimensions divisible by 16; {', '.join(odd)} is not: "
-                          "change them or drop --fp8-format")
-    problem = fp8_support.recipe_problem(f.fp8_recipe)
-    if problem:
-        raise ConfigError(problem)
-
-
-def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
-    """Refuse impossible combinations with a message that names the problem and the fix.
+def validate_config(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
+    """Refuse impossible settings with a message that names the problem and the fix: the checks the settings
+    allow on their own (finalize.validate adds those that need the model family, TE or a teacher checkpoint).
 
     Called on every rank before any collective, so a bad run fails in seconds, identically everywhere.
     """
@@ -439,8 +399,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         )
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
-    if ffn_hidden_size(m) % tp != 0:
-        raise ConfigError(f"FFN hidden size {ffn_hidden_size(m)} is not divisible by TP {tp}; set --ffn-hidden-size")
     stages = pp * (vpp or 1)
     if m.num_layers % stages != 0:
         what = f"PP x virtual stages = {pp} x {vpp}" if vpp else f"--pipeline-model-parallel-size {pp}"
@@ -450,11 +408,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
         )
     if vpp is not None and (pp < 2 or vpp < 2):
         raise ConfigError("--virtual-pipeline-model-parallel-size needs PP >= 2 and a value >= 2 (or leave it unset)")
-    if m.vocab_size is not None and padded_vocab_size(m) % tp != 0:
-        raise ConfigError(
-            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP {tp}; "
-            f"set --make-vocab-size-divisible-by to a multiple of {tp}"
-        )
     if t.global_batch_size % (t.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size {t.micro_batch_size} "
@@ -468,8 +421,6 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
     if m.max_position_embeddings is not None and m.seq_length > m.max_position_embeddings:
         raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
 
-    if cfg.fp8.fp8_format is not None:
-        _validate_fp8(cfg, cuda_available=cuda_available, te_available=te_available)
     if m.transformer_impl == "transformer_engine" and not (cuda_available and te_available):
         raise ConfigError(
             "--transformer-impl transformer_engine needs a CUDA GPU with Transformer Engine installed; "
@@ -511,6 +462,3 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool, te_available
                 "(a checkpoint written with --save, with the same --num-layers and --num-attention-heads)")
         if t.mode == "frozen_lm":
             raise ConfigError("--attention-transfer-mode trains the LM; it cannot be combined with --mode frozen_lm")
-        from .training.attention_transfer import check_teacher  # reads the teacher checkpoint's description
-
-        check_teacher(cfg)  # exists, same layers / heads / vocabulary, fits this TP/PP

@@ -2,8 +2,9 @@
 
 One table per concern, keyed "section.field" (the dataclasses of config.py):
 - HELP: the description `--help` shows (the flag's choices and default are added by the parser);
-- CHOICES: the allowed values of a string field; the parser offers them and `validate` refuses others,
-  so a flag and a YAML key are checked against the same list;
+- CHOICES: the allowed values of a string field; the parser offers them and `config.validate_config` refuses others,
+  so a flag and a YAML key are checked against the same list (the model families, --arch's values, are
+  models/registry.py's: finalize.py adds them);
 - RANGES: the interval a number must lie in. Every float is also required to be finite.
 
 tests/test_bad_inputs.py checks that every field of the configuration has a description, so a new field
@@ -17,12 +18,13 @@ from typing import Any, Iterable, Optional
 from .fp8_support import RECIPES
 
 HELP = {
-    "model.arch": "model family: GPT-2 shape (learned positions, LayerNorm, GELU) or LLaMA (RoPE, RMSNorm, SwiGLU)",
+    "model.arch": "model family, one folder of megatron_tempnet/models/ each (listed in models/registry.py)",
     "model.num_layers": "transformer layers",
     "model.hidden_size": "width of the residual stream",
     "model.num_attention_heads": "attention heads per layer",
     "model.num_query_groups": "key/value groups for grouped-query attention; unset: one group per head",
-    "model.ffn_hidden_size": "width of the MLP; unset: 4 x hidden (GPT), 8/3 x hidden rounded up to 64 (LLaMA)",
+    "model.ffn_hidden_size": "width of the MLP; unset: the family's default (e.g. 4 x hidden for gpt, 8/3 x "
+                             "hidden rounded up to 64 for llama)",
     "model.seq_length": "tokens per training sample",
     "model.max_position_embeddings": "positions the model supports; unset: --seq-length",
     "model.vocab_size": "true vocabulary size; unset: the tokenizer's (required with --mock-data)",
@@ -35,6 +37,9 @@ HELP = {
     "model.attention_dropout": "dropout probability on the attention weights",
     "model.transformer_impl": "layer implementation: auto = Transformer Engine when a GPU and TE are present, "
                               "else local (pure torch)",
+    "model.untie_embeddings_and_output_weights": "give the output layer its own weight instead of the input "
+                                                 "embedding's; unset: the family's default (e.g. gpt ties "
+                                                 "them, llama does not)",
     "parallel.tensor_model_parallel_size": "tensor-parallel ranks (TP)",
     "parallel.pipeline_model_parallel_size": "pipeline stages (PP)",
     "parallel.virtual_pipeline_model_parallel_size": "model chunks per pipeline rank (interleaved 1F1B); unset: "
@@ -116,7 +121,6 @@ HELP = {
 }
 
 CHOICES = {
-    "model.arch": ("gpt", "llama"),
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "parallel.distributed_backend": ("auto", "nccl", "gloo"),
     "train.mode": ("scratch", "finetune", "frozen_lm"),
@@ -155,8 +159,8 @@ RANGES = {
     "train.clip_grad": NON_NEGATIVE, "train.eval_interval": NON_NEGATIVE, "train.exit_duration_in_mins": ABOVE_ZERO,
     "tempnet.hidden_size": POSITIVE, "tempnet.tau_min": ABOVE_ZERO, "tempnet.tau_max": ABOVE_ZERO,
     "tempnet.dropout": PROBABILITY, "tempnet.lr": NON_NEGATIVE, "tempnet.min_lr": NON_NEGATIVE,
-    "tempnet.tau_init": ABOVE_ZERO,  # (between the bounds: config.validate)
-    "loss.dro_rho": NON_NEGATIVE,  # rho is a KL radius; its bound log V and dro_target_entropy's are config.validate's
+    "tempnet.tau_init": ABOVE_ZERO,  # (between the bounds: config.validate_config)
+    "loss.dro_rho": NON_NEGATIVE,  # rho is a KL radius; its bound log V and dro_target_entropy's are config.validate_config's
     "fp8.fp8_amax_history_len": POSITIVE,
     "checkpoint.save_interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
     "logging.log_interval": POSITIVE, "logging.tau_histogram_interval": POSITIVE,

@@ -11,7 +11,7 @@ import time
 from typing import Optional
 
 from . import platform
-from .config import ConfigError, load_config, validate
+from .config import ConfigError, load_config
 
 _QUIET_RANK_GRACE_S = 3.0
 
@@ -23,17 +23,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .data.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
-    from .training.loop import RunState, resolve_vocab_size, train
+    from .finalize import build_parser, finalize
+    from .training.loop import RunState, train
     from .training.preflight import check_save_folder
     from .training.signals import REQUEUE_EXIT_CODE, StopConditions, clear_requeue_marker, leave_requeue_marker
 
     env = platform.discover_env()
     user_errors = _user_error_types()
     try:
-        cfg, args = load_config(argv)
-        resolve_vocab_size(cfg)
-        validate(cfg, env.world_size, cuda_available=platform.use_cuda(),
-                 te_available=platform.transformer_engine_available())
+        cfg, args = load_config(argv, parser=build_parser())
+        run = finalize(cfg, env.world_size, cuda_available=platform.use_cuda(),
+                       te_available=platform.transformer_engine_available())
+        cfg = run.cfg
         if not args.dry_run:
             check_save_folder(cfg, copies=1)  # before any step: a run that cannot save must not train
     except user_errors as err:
@@ -42,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.dry_run:  # the checks of tools/check_job.py, at the launcher's world size
         from .training.preflight import format_results, run_checks
 
-        results = run_checks(cfg, env.world_size)
+        results = run_checks(cfg, env.world_size, tokenizer=run.tokenizer)
         if env.rank == 0:
             print(format_results(results))
         return 0 if all(r.ok for r in results) else 2
@@ -50,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         clear_requeue_marker(cfg.checkpoint.save)
     state = RunState()
     try:
-        train(cfg, state)
+        train(cfg, state, tokenizer=run.tokenizer)
         # for launchers that hide the exit status (torchrun): see examples/slurm; Ctrl-C (130) asks for no requeue
         if StopConditions.exit_code(state.stop_reason) == REQUEUE_EXIT_CODE and cfg.checkpoint.save:
             leave_requeue_marker(cfg.checkpoint.save, f"{state.stop_reason} at iteration {state.iteration}")

@@ -119,7 +119,7 @@ def _eval_against_loss_path(s):
     """heldout_metrics (logits without labels, padded vocabulary sliced off) against the model's own labelled
     forward (LMOutput: CE at tau = 1 and CE(z / tau), padded vocabulary masked inside the loss)."""
     from megatron_tempnet import platform
-    from megatron_tempnet.training.batches import causal_mask
+    from megatron_tempnet.models.build import causal_mask
     from megatron_tempnet.training.loop import setup_run
 
     cfg = ta.arm_config("tempnet_tau_ce", 5, s, MOCK)

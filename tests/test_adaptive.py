@@ -257,10 +257,10 @@ def tiny_lm(single_rank):
     """An untrained tiny LM of the mixture's vocabulary (sampling plumbing, not quality)."""
     from megatron_tempnet.adaptive.lm import LanguageModel, mixture_lm_config
     from megatron_tempnet.adaptive.tasks import MixtureTokenizer
-    from megatron_tempnet.training.model_setup import build_model_chunks
+    from megatron_tempnet.models.build import build_model_chunks
 
     cfg = mixture_lm_config(model__hidden_size=32, model__num_layers=2, model__seq_length=16)
-    (model,) = build_model_chunks(cfg, wrap_ddp=False)
+    (model,) = build_model_chunks(cfg)
     return LanguageModel(model, cfg, MixtureTokenizer())
 
 

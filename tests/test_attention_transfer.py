@@ -156,7 +156,7 @@ def _copy_checks(cfg):
     from megatron_tempnet.training.attention_transfer import (
         _run_teacher, before_forward, load_teacher_weights, teacher_checkpoint, transfer_link)
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
-    from megatron_tempnet.training.model_setup import build_model_chunks, unwrap
+    from megatron_tempnet.models.build import build_model_chunks, unwrap
     from megatron_tempnet.training.step import train_step
 
     model, optimizer, scheduler = setup_run(cfg)
@@ -184,7 +184,7 @@ def _copy_checks(cfg):
     before_forward(model[0], batch)
     student_logits, _ = model[0](batch.input_ids, batch.position_ids, batch.attention_mask)
     cfg.attention_transfer.mode = "none"
-    plain = build_model_chunks(cfg, wrap_ddp=False)
+    plain = build_model_chunks(cfg)
     load_teacher_weights(ckpt, plain)
     plain_logits, _ = plain[0](batch.input_ids, batch.position_ids, batch.attention_mask)
     return {"maps_equal": maps_equal, "maps_differ_by_layer": maps_differ_by_layer, "grads": grads,
@@ -201,7 +201,7 @@ def test_copy_student_applies_the_teachers_maps_exactly(teachers):
 def _distill_checks(cfg, steps):
     from megatron_tempnet.training.attention_transfer import load_teacher_weights, teacher_checkpoint
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
     from megatron_tempnet.training.step import evaluate, train_step
 
     model, optimizer, scheduler = setup_run(cfg)
@@ -287,7 +287,8 @@ def test_trainer_cli_refuses_a_bad_teacher_before_any_work(teachers, tmp_path, c
       "--tempnet-enabled", "--dro-target-entropy", "3", "--pretrained-checkpoint", "p"], "cannot be combined with --mode frozen_lm"),
 ])
 def test_bad_flags_are_refused(flags, message):
-    from megatron_tempnet.config import ConfigError, load_config, validate
+    from megatron_tempnet.config import ConfigError, load_config
+    from megatron_tempnet.finalize import validate
 
     cfg, _ = load_config(["--mock-data", "--vocab-size", "250", *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from megatron_tempnet.config import Config, ConfigError, load_config, validate
+from megatron_tempnet.config import Config, ConfigError, load_config
+from megatron_tempnet.finalize import validate
 from megatron_tempnet.config_fields import HELP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +159,7 @@ def test_every_field_has_a_description():
 
 
 def test_trainer_help_shows_description_choices_and_default_of_every_flag():
-    from megatron_tempnet.config import build_parser
+    from megatron_tempnet.finalize import build_parser
 
     parser = build_parser()
     for action in parser._actions:

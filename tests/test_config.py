@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from megatron_tempnet.config import ConfigError, load_config, validate
+from megatron_tempnet.config import ConfigError, load_config
+from megatron_tempnet.finalize import validate
 
 
 def _validate(argv, world_size=4, cuda=False, te=False):

@@ -5,10 +5,11 @@ import sys
 import pytest
 import torch
 
-from megatron_tempnet.config import load_config, validate
+from megatron_tempnet.config import load_config
+from megatron_tempnet.finalize import validate
 from megatron_tempnet.models import specs
 from megatron_tempnet.models.language_model import transformer_config
-from megatron_tempnet.training import model_setup
+from megatron_tempnet.models import build as model_setup
 
 
 def _cfg(*argv):

@@ -9,7 +9,7 @@ from helpers import spawn, tiny_config
 def _loss_and_grads(cfg):
     from megatron_tempnet.training.batches import MockTokens, collate
     from megatron_tempnet.training.loop import setup_run
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
 
     model, _, _ = setup_run(cfg)
     lm = unwrap(model[0])
@@ -66,7 +66,7 @@ def _two_micro_batches(cfg, shared, backward_passes=2):
     from megatron_tempnet.models.tempnet import shared_across_micro_batches
     from megatron_tempnet.training.batches import MockTokens, collate
     from megatron_tempnet.training.loop import setup_run
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
 
     model, _, _ = setup_run(cfg)
     lm = unwrap(model[0])

@@ -107,10 +107,10 @@ def test_tau_stays_in_bounds(single_rank):
 
 
 def test_no_gradient_reaches_lm_through_tempnet_input(single_rank):
-    from megatron_tempnet.training.model_setup import build_model_chunks
+    from megatron_tempnet.models.build import build_model_chunks
 
     cfg = tiny_config("llama", tempnet__tau_init=None)  # the reference's init: every TempNet tensor gets a gradient
-    (model,) = build_model_chunks(cfg, wrap_ddp=False)
+    (model,) = build_model_chunks(cfg)
     hidden = torch.randn(cfg.model.seq_length, 2, cfg.model.hidden_size, requires_grad=True)
     logits, tau = model.logits_and_tau(hidden)
     tau.sum().backward()
@@ -124,7 +124,7 @@ def test_no_gradient_reaches_lm_through_tempnet_input(single_rank):
 
 def _frozen_lm_run(cfg):
     from megatron_tempnet.training.loop import build_datasets, data_iterators, setup_run
-    from megatron_tempnet.training.model_setup import unwrap
+    from megatron_tempnet.models.build import unwrap
     from megatron_tempnet.training.step import train_step
 
     model, optimizer, scheduler = setup_run(cfg)
@@ -206,7 +206,7 @@ def test_shipped_recipe_learns_the_per_token_optimum(single_rank):
 @pytest.mark.parametrize("schedule", ["constant", "lm"])
 def test_tempnet_lr_schedule(single_rank, schedule):
     """constant: TempNet's lr holds at --tempnet-lr after the shared warm-up while the LM's decays; lm: both decay."""
-    from megatron_tempnet.training.model_setup import build_model_chunks
+    from megatron_tempnet.training.model_setup import build_ddp_model_chunks as build_model_chunks
     from megatron_tempnet.training.optim import build_optimizer, build_scheduler
 
     cfg = tiny_config("gpt", tempnet__lr_schedule=schedule, tempnet__lr=3e-3, tempnet__min_lr=3e-4, train__lr=1e-2,

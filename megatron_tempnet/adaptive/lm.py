@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import Config, ConfigError, validate
+from ..config import Config, ConfigError
+from ..finalize import validate
 
 
 class AdaptiveError(ConfigError):
@@ -46,7 +47,7 @@ class LanguageModel:
     """A TempNetGPTModel in evaluation mode with its tokenizer; forward gives (logits, tau, hidden)."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, tokenizer):
-        from ..training.model_setup import unwrap
+        from ..models.build import unwrap
 
         self.model = unwrap(model)
         self.model.eval()

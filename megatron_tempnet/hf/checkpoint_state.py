@@ -44,10 +44,12 @@ def unstack_layers(tensors: Dict[str, torch.Tensor], keys_map: Dict[str, str]) -
 def model_state_dict(ckpt_dir: str | os.PathLike, m: ModelConfig) -> Dict[str, torch.Tensor]:
     """The model weights of the checkpoint folder `ckpt_dir` (one iter_N folder), of the model `m`, as full CPU
     tensors under the TP = 1 local model's keys."""
+    from ..models.registry import get_family
     from ..models.specs import layer_spec
     from ..training.checkpointing import read_checkpoint_tensors
 
-    keys_map = layer_spec(m.arch, use_transformer_engine=False).submodules.sharded_state_dict_keys_map
+    spec = layer_spec(get_family(m.arch).normalization, use_transformer_engine=False)
+    keys_map = spec.submodules.sharded_state_dict_keys_map
     tensors = {}
     for prefix in MODEL_PREFIXES:
         tensors.update(read_checkpoint_tensors(ckpt_dir, prefix))

@@ -196,7 +196,8 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
     """A Hugging Face LLaMA folder -> a model-only checkpoint of ours (iteration 0) in `out_dir`, to start
     runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a new TempNet). A TempNet
     written by export_to_hf comes along."""
-    from ..config import Config, padded_vocab_size
+    from ..config import Config
+    from ..models.registry import model_dims
     from ..inference.model import build_model, ensure_single_process_group
     from ..training.checkpointing import save_checkpoint
 
@@ -226,7 +227,7 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
             if hasattr(t, name):
                 setattr(t, name, tn_cfg.get(name, default))
         tn_tensors = {k[len(WEIGHT_PREFIX):]: v for k, v in hf_weights.items() if k.startswith(WEIGHT_PREFIX)}
-        sd.update(tempnet_from_hf(tn_cfg, tn_tensors, padded_vocab_size(cfg.model)))
+        sd.update(tempnet_from_hf(tn_cfg, tn_tensors, model_dims(cfg.model).padded_vocab_size))
     ensure_single_process_group(seed)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)

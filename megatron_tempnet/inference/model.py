@@ -77,9 +77,9 @@ def ensure_single_process_group(seed: int = 1234) -> None:
 
 def build_model(cfg: Config):
     """The model of `cfg` at TP = PP = 1 (one chunk, no DDP), in eval mode."""
-    from ..training.model_setup import build_model_chunks
+    from ..models.build import build_model_chunks
 
-    model = build_model_chunks(cfg, wrap_ddp=False)[0]
+    model = build_model_chunks(cfg)[0]
     model.eval()
     return model
 
@@ -101,7 +101,7 @@ def load_checkpoint_model(path: str | os.PathLike):
 def forward(model, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Full-sequence forward (no KV cache). input_ids [b, s] -> (logits [b, s, V] over the true vocabulary,
     fp32; tau [b, s] or None)."""
-    from ..training.batches import causal_mask
+    from ..models.build import causal_mask
 
     device = next(model.parameters()).device
     ids = input_ids.to(device)

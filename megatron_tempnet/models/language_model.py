@@ -23,14 +23,14 @@ from tempnet_kernels.dro_cce import vocab_parallel_logit_max
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import platform
-from ..config import Config, dro_rho, padded_vocab_size
+from ..config import Config, dro_rho
 from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
-from . import gpt, linear, llama
+from . import linear
 from . import tempnet_diagnostics as diag
+from .registry import get_family
 from .specs import layer_spec, set_init_seed
 from .tempnet import GlobalTemperature, TempNet
 
-ARCHS = {"gpt": gpt, "llama": llama}
 # Tokens of each evaluation micro-batch whose tau* is computed (40 entropy passes over the vocabulary each).
 DIAGNOSED_TOKENS = 512
 
@@ -53,28 +53,32 @@ class LMOutput:
 
 
 class TempNetGPTModel(GPTModel):
-    """megatron-core GPTModel whose last stage returns the DRO loss with TempNet temperatures."""
+    """megatron-core GPTModel whose last stage returns the DRO loss with TempNet temperatures.
+    `family` and `dims`: its model family and sizes (models/family.py), from cfg.model."""
 
     def __init__(self, cfg: Config, config: TransformerConfig, pre_process: bool, post_process: bool,
                  vp_stage: Optional[int] = None, use_transformer_engine: bool = False):
         m = cfg.model
+        family = get_family(m.arch)
+        dims = family.dims(m)
         set_init_seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)  # embedding (built first); each layer reseeds itself
         super().__init__(
             config=config,
-            transformer_layer_spec=layer_spec(m.arch, use_transformer_engine,
+            transformer_layer_spec=layer_spec(family.normalization, use_transformer_engine,
                                               explicit_attention=cfg.attention_transfer.mode != "none"),
-            vocab_size=padded_vocab_size(m),
-            max_sequence_length=m.max_position_embeddings or m.seq_length,
+            vocab_size=dims.padded_vocab_size,
+            max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=True,
             vp_stage=vp_stage,
-            **ARCHS[m.arch].model_kwargs(m),
+            **family.model_kwargs(m, dims),
         )
+        self.family, self.dims = family, dims
         self.true_vocab_size = m.vocab_size
         self.rho = dro_rho(cfg.loss, m.vocab_size)
-        self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, padded_vocab_size(m),
+        self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, dims.padded_vocab_size,
                                            cfg.parallel.tensor_model_parallel_size, platform.use_cuda())
         self.objective = cfg.loss.objective
         self.tempnet = None
@@ -82,7 +86,7 @@ class TempNetGPTModel(GPTModel):
             if cfg.tempnet.kind == "global":
                 self.tempnet = GlobalTemperature(cfg.tempnet)
             else:
-                self.tempnet = TempNet(cfg.tempnet, m.vocab_size, padded_vocab_size(m), cfg.train.seed)
+                self.tempnet = TempNet(cfg.tempnet, m.vocab_size, dims.padded_vocab_size, cfg.train.seed)
 
     def _output_weight(self) -> Optional[torch.Tensor]:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
@@ -181,14 +185,13 @@ class TempNetGPTModel(GPTModel):
 
 def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtype: torch.dtype,
                        use_transformer_engine: bool) -> TransformerConfig:
-    """megatron-core TransformerConfig for the run (architecture from models/gpt.py or models/llama.py)."""
+    """megatron-core TransformerConfig for the run (the block's architecture from its model family)."""
     m, p = cfg.model, cfg.parallel
     fp8 = cfg.fp8
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
-        kv_channels=m.hidden_size // m.num_attention_heads,
         layernorm_epsilon=m.norm_epsilon,
         init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout,
@@ -218,6 +221,7 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtyp
         kwargs.update(fp8=fp8.fp8_format, fp8_recipe=fp8.fp8_recipe,
                       fp8_amax_history_len=fp8.fp8_amax_history_len,
                       fp8_amax_compute_algo=fp8.fp8_amax_compute_algo)
-    kwargs.update(ARCHS[m.arch].transformer_kwargs(m))
+    family = get_family(m.arch)
+    kwargs.update(family.transformer_kwargs(family.dims(m)))
     return TransformerConfig(**kwargs)
 

@@ -58,8 +58,9 @@ def _with_local_linears(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn, mlp=mlp))
 
 
-def layer_spec(arch: str, use_transformer_engine: bool, explicit_attention: bool = False) -> ModuleSpec:
-    """The transformer-layer spec for `arch` ("gpt": LayerNorm; "llama": RMSNorm).
+def layer_spec(normalization: str, use_transformer_engine: bool, explicit_attention: bool = False) -> ModuleSpec:
+    """The transformer-layer spec for a block with `normalization` ("LayerNorm" or "RMSNorm", the model
+    family's; Transformer Engine's spec reads it from the TransformerConfig instead).
 
     Transformer Engine's spec as megatron-core defines it; the local spec with torch's fused
     scaled_dot_product_attention in place of megatron-core's unfused DotProductAttention, and linears that
@@ -72,7 +73,7 @@ def layer_spec(arch: str, use_transformer_engine: bool, explicit_attention: bool
     if use_transformer_engine:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if arch == "llama" else "LayerNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
         spec = _with_local_linears(_with_core_attention(spec, SDPAttention))
     if explicit_attention:
         spec = _with_core_attention(spec, ExplicitAttention)

@@ -41,6 +41,7 @@ from megatron.core.utils import get_model_config
 from .. import platform
 from ..config import Config, ConfigError, ModelConfig
 from ..models.attention_transfer import ExplicitAttention, TransferContext
+from ..models.registry import get_family
 
 _LINK_ATTR = "_attention_transfer_link"
 
@@ -89,7 +90,7 @@ def teacher_config(cfg: Config) -> Config:
         problems.append(f"its vocabulary has {tm.vocab_size} tokens, the student's {m.vocab_size}: they must use the "
                         "same tokenizer")
     teacher_positions = tm.max_position_embeddings or tm.seq_length
-    if tm.arch == "gpt" and teacher_positions < m.seq_length:
+    if get_family(tm.arch).learned_positions and teacher_positions < m.seq_length:
         problems.append(f"its learned position embeddings cover {teacher_positions} tokens, fewer than --seq-length "
                         f"{m.seq_length}")
     if problems:
@@ -213,7 +214,7 @@ def load_teacher_weights(ckpt: Path, chunks: List[torch.nn.Module]) -> None:
 def build_teacher(cfg: Config) -> List[torch.nn.Module]:
     """The frozen teacher's chunks for this rank, weights loaded from the teacher checkpoint."""
     from ..models.language_model import transformer_config
-    from .model_setup import params_dtype, use_transformer_engine
+    from ..models.build import params_dtype, use_transformer_engine
 
     tcfg = teacher_config(cfg)
     te = use_transformer_engine(tcfg)

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..models.build import causal_mask
+
 
 @dataclass
 class Batch:
@@ -21,12 +23,6 @@ class Batch:
     loss_mask: torch.Tensor  # [b, s] float, 1 where the token counts
     position_ids: torch.Tensor  # [b, s] int64
     attention_mask: torch.Tensor  # [1, 1, s, s] bool, True = masked (future positions)
-
-
-def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, s, s] bool with True above the diagonal. Passed explicitly: megatron-core's default causal
-    mask is built on a CUDA device."""
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
 def collate(items: Sequence[dict], device: torch.device) -> Batch:
@@ -65,7 +61,7 @@ def micro_batches(
     """Endless micro-batches for this DP rank starting after `consumed_samples` (wraps around the dataset)."""
     n = len(dataset)
     per_step = global_batch_size // (micro_batch_size * dp_size) if micro_batch_size > 0 else 0
-    if per_step < 1 or n < 1:  # config.validate refuses these; an endless loop that yields nothing must not follow
+    if per_step < 1 or n < 1:  # config.validate_config refuses these; an endless loop that yields nothing must not follow
         raise ValueError(f"no micro-batch to draw: global batch {global_batch_size}, micro-batch {micro_batch_size}, "
                          f"{dp_size} data-parallel rank(s), {n} samples")
     step_start = consumed_samples

@@ -68,7 +68,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size
+from ..config import Config, ConfigError
+from ..models.registry import model_dims
 from .checkpoint_integrity import record_checksums, verify_checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -492,13 +493,14 @@ def _shape_fields(cfg_model: dict, tempnet: dict) -> dict:
     from ..config import ModelConfig
 
     m = ModelConfig(**{k: v for k, v in cfg_model.items() if k in ModelConfig.__dataclass_fields__})
+    dims = model_dims(m)
     return {
         "arch": m.arch, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
         "num_attention_heads": m.num_attention_heads,
         "num_query_groups": m.num_query_groups or m.num_attention_heads,
-        "ffn_hidden_size": ffn_hidden_size(m),
-        "padded vocabulary": padded_vocab_size(m) if m.vocab_size else None,
-        "position embeddings": (m.max_position_embeddings or m.seq_length) if m.arch == "gpt" else None,
+        "ffn_hidden_size": dims.ffn_hidden_size,
+        "padded vocabulary": dims.padded_vocab_size,
+        "position embeddings": dims.position_embeddings,
         "tempnet": bool(tempnet.get("enabled")),
         "tempnet_kind": tempnet.get("kind", "network") if tempnet.get("enabled") else None,
         "tempnet_hidden_size": tempnet.get("hidden_size") if tempnet.get("enabled") and

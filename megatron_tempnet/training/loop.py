@@ -4,17 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
 from .. import platform
-from ..config import Config, ConfigError
+from ..config import Config
+from ..finalize import resolve, with_optimizer_choice
 from .attention_transfer import attach_teacher
 from .batches import MockTokens, micro_batches
 from .signals import StopConditions
-from .model_setup import build_model_chunks, params_dtype
+from .model_setup import build_ddp_model_chunks
 from .optim import build_optimizer, build_scheduler
 from .step import evaluate, train_step
 from .tracker import RunLogger
@@ -36,8 +36,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row). The message says what to do."""
 
 
-def build_datasets(cfg: Config):
-    """(train, valid) map-style datasets of {"tokens", "labels", "loss_mask"} items."""
+def build_datasets(cfg: Config, tokenizer=None):
+    """(train, valid) map-style datasets of {"tokens", "labels", "loss_mask"} items. `tokenizer`: the one the
+    data was made with, loaded from --tokenizer-model if not given."""
     t, m = cfg.train, cfg.model
     n_train = t.train_iters * t.global_batch_size
     n_valid = (t.train_iters // max(t.eval_interval, 1) + 1) * t.eval_iters * t.global_batch_size
@@ -49,25 +50,9 @@ def build_datasets(cfg: Config):
 
     require_train_and_valid(cfg.data.split)
     train, valid, _ = build_gpt_datasets(
-        cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, load_tokenizer(cfg.data.tokenizer_model),
+        cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, tokenizer or load_tokenizer(cfg.data.tokenizer_model),
         (n_train, n_valid, 0), cfg.data.data_cache_path, create_attention_mask=False)
     return train, valid
-
-
-def resolve_vocab_size(cfg: Config) -> None:
-    """Take the model's vocabulary size from the tokenizer, or refuse a model that disagrees with it."""
-    if cfg.data.mock_data or not cfg.data.tokenizer_model:
-        return  # validate() says what is missing
-    from ..data.tokenizer import load_tokenizer
-
-    tokenizer_vocab = load_tokenizer(cfg.data.tokenizer_model).vocab_size
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer_vocab
-    elif cfg.model.vocab_size != tokenizer_vocab:
-        raise ConfigError(
-            f"the model's vocabulary ({cfg.model.vocab_size}, --vocab-size) differs from the tokenizer's "
-            f"({tokenizer_vocab}, {cfg.data.tokenizer_model}); drop --vocab-size to use the tokenizer's, "
-            "or pass the tokenizer the data was made with")
 
 
 def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int) -> list:
@@ -81,24 +66,15 @@ def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int)
     ]
 
 
-def resolve_distributed_optimizer(cfg: Config) -> None:
-    """16-bit training with TempNet takes megatron-core's distributed optimizer. TempNet keeps fp32 weights
-    (models/tempnet.py); megatron-core's plain bf16/fp16 optimizer steps such a mix of 16-bit and fp32
-    parameters but cannot checkpoint it (its sharded state dict takes every parameter to be 16-bit), while the
-    distributed optimizer handles both. On one data-parallel rank it is the same optimizer, unsharded."""
-    if cfg.tempnet.enabled and params_dtype(cfg) != torch.float32 and not cfg.parallel.use_distributed_optimizer:
-        cfg.parallel.use_distributed_optimizer = True
-
-
 def setup_run(cfg: Config):
-    """Process groups, model chunks (DDP-wrapped), optimizer and scheduler for this rank."""
-    resolve_vocab_size(cfg)
-    resolve_distributed_optimizer(cfg)
+    """Process groups, model chunks (DDP-wrapped), optimizer and scheduler for this rank. `cfg`: a resolved
+    configuration (finalize.resolve: its vocabulary known); the optimizer is the one finalize chooses for it."""
+    cfg = with_optimizer_choice(cfg)
     p = cfg.parallel
     platform.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
                               p.distributed_timeout_minutes, cfg.train.seed)
-    model = build_model_chunks(cfg)
+    model = build_ddp_model_chunks(cfg)
     attach_teacher(cfg, model)  # attention transfer: the frozen teacher (nothing with --attention-transfer-mode none)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -108,10 +84,15 @@ def setup_run(cfg: Config):
     return model, optimizer, scheduler
 
 
-def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
-    """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics."""
+def train(cfg: Config, state: Optional[RunState] = None, *, tokenizer=None) -> RunState:
+    """Train for cfg.train.train_iters iterations. Returns the run state with per-step metrics.
+
+    cfg: a checked configuration (finalize.finalize's); it is resolved into a copy (finalize.resolve), never
+    changed. tokenizer: the one finalize loaded, handed on to the datasets (loaded here if not given)."""
     from .checkpointing import load_checkpoint, load_model_weights, save_checkpoint, valid_consumed_samples
 
+    run = resolve(cfg, tokenizer=tokenizer)
+    cfg = run.cfg
     state = state if state is not None else RunState()
     model, optimizer, scheduler = setup_run(cfg)
     ck = cfg.checkpoint
@@ -121,7 +102,7 @@ def train(cfg: Config, state: Optional[RunState] = None) -> RunState:
     elif ck.pretrained_checkpoint:  # weights only (finetune / frozen_lm)
         load_model_weights(ck.pretrained_checkpoint, model, cfg)
         optimizer.reload_model_params()
-    train_ds, valid_ds = build_datasets(cfg)
+    train_ds, valid_ds = build_datasets(cfg, run.tokenizer)
     train_iters = data_iterators(cfg, train_ds, state.consumed_samples, len(model))
     valid_iters = data_iterators(cfg, valid_ds, valid_consumed_samples(cfg, state.iteration), len(model))
     logger = RunLogger(cfg)

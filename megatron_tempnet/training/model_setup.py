@@ -1,78 +1,25 @@
-"""Build this rank's model chunks for its pipeline stage(s) and wrap them in megatron-core DDP."""
+"""This rank's model chunks (models/build.py) wrapped in megatron-core DDP for training."""
 from __future__ import annotations
 
 from typing import List
 
-import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from .. import platform
 from ..config import Config
-from ..models.language_model import TempNetGPTModel, transformer_config
+from ..models.build import build_model_chunks
 
 
-def params_dtype(cfg: Config) -> torch.dtype:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if platform.use_cuda() else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def use_transformer_engine(cfg: Config) -> bool:
-    impl = cfg.model.transformer_impl
-    return impl == "transformer_engine" or (impl == "auto" and platform.transformer_engine_available())
-
-
-def build_model_chunks(cfg: Config, *, wrap_ddp: bool = True) -> List[torch.nn.Module]:
-    """One chunk per virtual pipeline stage of this rank (one chunk without interleaving).
-
-    In "frozen_lm" mode only TempNet's parameters require gradients.
-    """
-    te = use_transformer_engine(cfg)
-    dtype = params_dtype(cfg)
-    tcfg = transformer_config(cfg, use_cpu_initialization=not platform.use_cuda(), params_dtype=dtype,
-                              use_transformer_engine=te)
-    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        model = TempNetGPTModel(
-            cfg, tcfg,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage, use_transformer_engine=te,
-        )
-        model.to(platform.device())
-        _lm_parameters_to(model, dtype)
-        if cfg.train.mode == "frozen_lm":
-            for name, p in model.named_parameters():
-                p.requires_grad_(getattr(p, "is_tempnet_parameter", False))
-        chunks.append(model)
-    if not wrap_ddp:
-        return chunks
+def build_ddp_model_chunks(cfg: Config) -> List[DistributedDataParallel]:
+    """models.build.build_model_chunks(cfg), each chunk in megatron-core DDP (gradients reduced in fp32;
+    the distributed optimizer's layout when cfg.parallel.use_distributed_optimizer)."""
+    chunks = build_model_chunks(cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     return [
-        DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                 disable_bucketing=(i > 0))
         for i, chunk in enumerate(chunks)
     ]
-
-
-def _lm_parameters_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """megatron-core's local spec builds its norms with torch's default fp32 weights whatever params_dtype
-    says, and 16-bit activations then miss torch's fused norm kernels. Cast every LM parameter to
-    params_dtype; TempNet's stay fp32 (see models/tempnet.py)."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype and not getattr(p, "is_tempnet_parameter", False):
-            p.data = p.data.to(dtype)
-
-
-def unwrap(model: torch.nn.Module) -> TempNetGPTModel:
-    while hasattr(model, "module"):
-        model = model.module
-    return model

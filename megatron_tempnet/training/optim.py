@@ -18,7 +18,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from ..config import Config
-from .model_setup import params_dtype
+from ..models.build import params_dtype
 
 
 def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):

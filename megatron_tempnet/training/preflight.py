@@ -4,7 +4,7 @@
     python -m megatron_tempnet.train --dry-run ...          # the same checks, world size from the launcher
 
 Each check reports OK or the problem with its fix:
-  config       parallel sizes against the world size and the model shape, FP8 / TE, modes (config.validate)
+  config       parallel sizes against the world size and the model shape, FP8 / TE, modes (finalize.validate)
   data         every --data-path prefix (or manifest) has its .idx and a .bin of the size the .idx implies
   tokenizer    the tokenizer loads, its vocabulary equals the model's, and the data was made with it
   checkpoint   --load / --pretrained-checkpoint: complete, same model shape, and splits at this TP/PP
@@ -12,6 +12,7 @@ Each check reports OK or the problem with its fix:
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .. import platform
-from ..config import Config, ConfigError, ffn_hidden_size, padded_vocab_size, validate
+from ..config import Config, ConfigError
+from ..models.registry import get_family, model_dims
 
 
 @dataclass
@@ -31,22 +33,13 @@ class CheckResult:
 
 
 def parameter_count(cfg: Config) -> int:
-    """Parameters of the whole model (all ranks together), from its configuration."""
-    m = cfg.model
-    h, L = m.hidden_size, m.num_layers
-    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
-    ffn = ffn_hidden_size(m)
-    if m.arch == "llama":
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h
-        outside = 2 * padded_vocab_size(m) * h + h
-    else:
-        per_layer = 2 * h * h + 2 * h * kv + 2 * h * ffn + (2 * h + 2 * kv + ffn + h) + 4 * h
-        outside = padded_vocab_size(m) * h + (m.max_position_embeddings or m.seq_length) * h + 2 * h
+    """Parameters of the whole model (all ranks together, TempNet included), from its configuration."""
+    dims = model_dims(cfg.model)
     tempnet = 0
     if cfg.tempnet.enabled:
         d = cfg.tempnet.hidden_size
-        tempnet = d * padded_vocab_size(m) + d * d + 3 * d + 2 + (d if cfg.tempnet.scale_input else 0)
-    return L * per_layer + outside + tempnet
+        tempnet = d * dims.padded_vocab_size + d * d + 3 * d + 2 + (d if cfg.tempnet.scale_input else 0)
+    return get_family(cfg.model.arch).parameter_count(dims) + tempnet
 
 
 def checkpoint_bytes(cfg: Config) -> int:
@@ -89,18 +82,18 @@ def _check_data(cfg: Config) -> str:
     return f"{len(shards)} dataset shard(s) complete, {checked}, every split holds a sample"
 
 
-def _check_tokenizer(cfg: Config) -> str:
+def _check_tokenizer(cfg: Config, tokenizer=None) -> str:
+    """The tokenizer loads (or is `tokenizer`), its vocabulary is the model's, and the data was made with it.
+    Fills in cfg.model.vocab_size from it (run_checks' own copy of the configuration)."""
     from ..data.datasets import parse_data_path
     from ..data.indexed import check_tokenizer_matches
-    from ..data.tokenizer import load_tokenizer
-    from .loop import resolve_vocab_size
+    from ..finalize import vocabulary
 
     if cfg.data.mock_data:
         return f"mock data, vocabulary {cfg.model.vocab_size}"
     if not cfg.data.tokenizer_model:
         raise ConfigError("no --tokenizer-model: pass the tokenizer the data was preprocessed with")
-    resolve_vocab_size(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    cfg.model.vocab_size, tokenizer = vocabulary(cfg, tokenizer)
     for prefix in parse_data_path(cfg.data.data_path)[0]:
         check_tokenizer_matches(prefix, cfg.model.vocab_size, tokenizer=tokenizer)
     return f"vocabulary {tokenizer.vocab_size} matches the model and the data"
@@ -172,15 +165,19 @@ def check_save_folder(cfg: Config, copies: Optional[int] = None) -> str:
 
 
 def run_checks(cfg: Config, world_size: int, *, cuda_available: Optional[bool] = None,
-               te_available: Optional[bool] = None) -> List[CheckResult]:
-    """Every check, in order; later ones still run when an earlier one fails."""
+               te_available: Optional[bool] = None, tokenizer=None) -> List[CheckResult]:
+    """Every check, in order; later ones still run when an earlier one fails. `cfg` is not changed (the
+    checks fill the vocabulary into a copy); `tokenizer`: the one already loaded for it, if any."""
+    from ..finalize import validate
+
+    cfg = copy.deepcopy(cfg)
     cuda = platform.use_cuda() if cuda_available is None else cuda_available
     te = platform.transformer_engine_available() if te_available is None else te_available
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    tokenizer = _check("tokenizer", lambda: _check_tokenizer(cfg))  # first: it fills in the vocabulary size
+    tokenizer_check = _check("tokenizer", lambda: _check_tokenizer(cfg, tokenizer))  # first: it fills in the vocabulary
     config = _check("config", lambda: validate(cfg, world_size, cuda_available=cuda, te_available=te)
                     or f"world size {world_size} = TP {tp} x PP {pp} x DP {world_size // (tp * pp)}")
-    results = [config, tokenizer, _check("data", lambda: _check_data(cfg))]
+    results = [config, tokenizer_check, _check("data", lambda: _check_data(cfg))]
     if cfg.model.vocab_size is not None:
         results.append(_check("checkpoint", lambda: _check_checkpoint(cfg)))
         results.append(_check("disk", lambda: check_save_folder(cfg)))

@@ -23,7 +23,7 @@ from ..models.tempnet import TempNet, shared_across_micro_batches
 from ..models.tempnet_diagnostics import summarize as summarize_tau
 from . import attention_transfer
 from .batches import Batch
-from .model_setup import unwrap
+from ..models.build import unwrap
 
 # Layout of the per-micro-batch statistics vector (summed over micro-batches and DP ranks).
 STATS = ("loss_sum", "tokens", "ce_tau_sum", "tau_sum", "tau_sq_sum", "ce1_sum")

@@ -13,22 +13,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ffn_hidden_size, padded_vocab_size
+from ..config import Config
+from ..models.registry import get_family, model_dims
 from ..models.tempnet_diagnostics import INERT_TAU_STD
 
 # Dense bf16 peak per device, FLOP/s (FP8 doubles it on Hopper).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
-
-
-def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 x (dense parameters) for the matmuls
-    plus 12 x layers x hidden x seq for attention scores and values (the PaLM formula)."""
-    m = cfg.model
-    h, L, s = m.hidden_size, m.num_layers, m.seq_length
-    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
-    mlp = (3 if m.arch == "llama" else 2) * h * ffn_hidden_size(m)
-    per_layer = h * h * 2 + 2 * h * kv + mlp  # q, o, k, v, MLP
-    return 6 * (L * per_layer + h * padded_vocab_size(m)) + 12 * L * h * s
 
 
 def peak_flops(fp8: bool) -> Optional[float]:
@@ -69,6 +59,7 @@ class RunLogger:
         self._tokens = 0.0
         self._warned_inert = False
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.flops_per_token = get_family(cfg.model.arch).flops_per_token(model_dims(cfg.model))
 
     def train_step(self, iteration: int, metrics: dict) -> None:
         self._tokens += metrics["tokens"]
@@ -83,7 +74,7 @@ class RunLogger:
         metrics = {**metrics, "tokens_per_s": tps, "ppl": math.exp(min(metrics["ce_tau"], 50.0))}
         peak = peak_flops(self.cfg.fp8.fp8_format is not None)
         if peak:
-            metrics["mfu"] = tps * flops_per_token(self.cfg) / (peak * self.world_size)
+            metrics["mfu"] = tps * self.flops_per_token / (peak * self.world_size)
         if not self.is_logger:
             return
         line = (f"iter {iteration:6d}/{self.cfg.train.train_iters} | loss {metrics['loss']:.4f} | ce {metrics['ce_tau']:.4f}"

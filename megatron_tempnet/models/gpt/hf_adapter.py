@@ -18,7 +18,7 @@ from typing import Dict
 
 import torch
 
-from ...config import ModelConfig, ffn_hidden_size, padded_vocab_size
+from ...config import ModelConfig
 from ..hf_mapping import ConversionError, merge_qkv, pad_rows, split_qkv
 
 Tensors = Dict[str, torch.Tensor]
@@ -37,14 +37,16 @@ class GPTHFAdapter:
     arch = "gpt"  # our --arch of the models it converts
 
     def __init__(self, m: ModelConfig) -> None:
-        self.m = m
+        from ..registry import model_dims  # (the registry imports the families, which name their adapters)
+
+        self.m, self.dims = m, model_dims(m)
 
     def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
         """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
         m = self.m
         return dict(
             vocab_size=m.vocab_size, n_positions=m.max_position_embeddings or m.seq_length, n_embd=m.hidden_size,
-            n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=ffn_hidden_size(m),
+            n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=self.dims.ffn_hidden_size,
             activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             layer_norm_epsilon=m.norm_epsilon, initializer_range=m.init_method_std, scale_attn_weights=True,
             tie_word_embeddings=True, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
@@ -110,7 +112,7 @@ class GPTHFAdapter:
         GPT-2's output layer is its embedding, so `tie_word_embeddings` (checked by from_hf_config) is unused."""
         m = self.m
         h = m.hidden_size
-        sd = {"embedding.word_embeddings.weight": pad_rows(hf["transformer.wte.weight"], padded_vocab_size(m)),
+        sd = {"embedding.word_embeddings.weight": pad_rows(hf["transformer.wte.weight"], self.dims.padded_vocab_size),
               "embedding.position_embeddings.weight": hf["transformer.wpe.weight"]}
         for i in range(m.num_layers):
             src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."

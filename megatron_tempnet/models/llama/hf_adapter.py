@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from ...config import ModelConfig, ffn_hidden_size, padded_vocab_size
+from ...config import ModelConfig
 from ..hf_mapping import ConversionError, attention_dims, merge_qkv, pad_rows, rope_problems, rope_theta, split_qkv
 
 Tensors = Dict[str, torch.Tensor]
@@ -34,14 +34,16 @@ class LlamaHFAdapter:
     arch = "llama"  # our --arch of the models it converts
 
     def __init__(self, m: ModelConfig) -> None:
-        self.m = m
+        from ..registry import model_dims  # (the registry imports the families, which name their adapters)
+
+        self.m, self.dims = m, model_dims(m)
 
     def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
         """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
         m = self.m
         heads, groups, hd, _ = attention_dims(m)
         return dict(
-            vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=ffn_hidden_size(m),
+            vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=self.dims.ffn_hidden_size,
             num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=groups, head_dim=hd,
             hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length,
             initializer_range=m.init_method_std, rms_norm_eps=m.norm_epsilon,
@@ -85,7 +87,7 @@ class LlamaHFAdapter:
 
     def to_hf(self, sd: Tensors) -> Tensors:
         """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
-        m, V, ffn = self.m, self.m.vocab_size, ffn_hidden_size(self.m)
+        m, V, ffn = self.m, self.m.vocab_size, self.dims.ffn_hidden_size
         get = lambda k: sd[k].detach().clone()  # noqa: E731
         out = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight")[:V]}
         for i in range(m.num_layers):
@@ -106,7 +108,7 @@ class LlamaHFAdapter:
     def from_hf(self, hf: Tensors, *, tie_word_embeddings: bool) -> Tensors:
         """A Hugging Face state dict -> our full state dict (fp32; the vocabulary padded with zero rows). A tied
         Hugging Face model (or one without lm_head) gets its embedding as our separate output layer."""
-        m, Vp = self.m, padded_vocab_size(self.m)
+        m, Vp = self.m, self.dims.padded_vocab_size
         sd = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"], Vp)}
         for i in range(m.num_layers):
             src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
