@@ -7,36 +7,30 @@ vocabulary as columns; Hugging Face gets the true vocabulary (columns beyond it 
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from ..config import Config, ModelConfig
 from ..models.hf_mapping import ConversionError
+from ..models.registry import FAMILIES, get_family
 
 __all__ = ["ConversionError", "hf_adapter", "hf_config", "to_hf_state_dict", "tempnet_hf_config", "tempnet_to_hf",
            "check_hf_config", "model_config_from_hf", "from_hf_state_dict", "tempnet_from_hf"]
 
 
-def _load_adapter(package: str, name: str):
-    """models/<package>/hf_adapter.py's class `name` (loaded by path until models/<package>/ is a package)."""
-    path = Path(__file__).resolve().parent.parent / "models" / package / "hf_adapter.py"
-    spec = importlib.util.spec_from_file_location(f"megatron_tempnet.models.{package}.hf_adapter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-_ADAPTERS = {"gpt": _load_adapter("gpt", "GPTHFAdapter"), "llama": _load_adapter("llama", "LlamaHFAdapter")}
-
-
 def hf_adapter(m: ModelConfig):
-    """The Hugging Face adapter of our model `m` (models/<family>/hf_adapter.py)."""
-    if m.arch not in _ADAPTERS:
-        raise ConversionError(f"--arch {m.arch} has no Hugging Face conversion")
-    return _ADAPTERS[m.arch](m)
+    """The Hugging Face adapter of our model `m`: its family's (models/<family>/hf_adapter.py)."""
+    adapter = get_family(m.arch).hf
+    if adapter is None:
+        raise ConversionError(f"--arch {m.arch} has no Hugging Face conversion; families with one: "
+                              f"{', '.join(f.name for f in _convertible())}")
+    return adapter(m)
+
+
+def _convertible() -> list:
+    """The registered families that have a Hugging Face adapter."""
+    return [f for f in FAMILIES.values() if f.hf is not None]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -92,11 +86,12 @@ def tempnet_to_hf(cfg: Config, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 def _adapter_class_for_hf(hf_cfg: dict, where: str):
     """The adapter class whose Hugging Face model_type is the config's; refuses any other, naming those that convert."""
     mtype = hf_cfg.get("model_type")
-    for adapter in _ADAPTERS.values():
+    adapters = [f.hf for f in _convertible()]
+    for adapter in adapters:
         if adapter.model_type == mtype:
             return adapter
     archs = hf_cfg.get("architectures") or []
-    kinds = [f"{a.label} folders (model_type {a.model_type!r}, {a.architecture})" for a in _ADAPTERS.values()]
+    kinds = [f"{a.label} folders (model_type {a.model_type!r}, {a.architecture})" for a in adapters]
     known = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
     raise ConversionError(
         f"{where} holds a {'/'.join(archs) or mtype or 'model of unknown type'} (model_type {mtype!r}); only {known} "
