@@ -6,7 +6,9 @@ decoder.layers.0.self_attention.linear_qkv.weight); hf/ reads them from a checkp
   then all keys, then all values); biases alike.
 - GPT-2's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj are Conv1D: their weights are ours transposed, [in, out].
 - norms: input_layernorm, pre_mlp_layernorm, decoder.final_layernorm <-> ln_1, ln_2, ln_f (weights and biases).
-- learned positions: embedding.position_embeddings <-> transformer.wpe; the output layer is the embedding (tied).
+- learned positions: embedding.position_embeddings <-> transformer.wpe.
+- output layer: the embedding (tied, GPT-2's way), or with --untie-embeddings-and-output-weights output_layer
+  <-> lm_head (tie_word_embeddings false).
 - activation: megatron's F.gelu is the exact (erf) GeLU -> activation_function "gelu" (not GPT-2's usual
   "gelu_new", the tanh approximation, which our GPT does not have: such folders are refused on import).
 - vocabulary: ours is padded to a multiple of make_vocab_size_divisible_by; Hugging Face gets the true
@@ -49,8 +51,9 @@ class GPTHFAdapter:
             n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=self.dims.ffn_hidden_size,
             activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             layer_norm_epsilon=m.norm_epsilon, initializer_range=m.init_method_std, scale_attn_weights=True,
-            tie_word_embeddings=True, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
-            pad_token_id=special_ids.get("pad"), architectures=[self.architecture], dtype="float32")
+            tie_word_embeddings=self.dims.tied_embeddings, bos_token_id=special_ids.get("bos"),
+            eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"), architectures=[self.architecture],
+            dtype="float32")
 
     @classmethod
     def hf_config_problems(cls, hf_cfg: dict) -> list:
@@ -61,8 +64,6 @@ class GPTHFAdapter:
             problems.append(f"activation {act!r} (ours is the exact GeLU, 'gelu')")
         if not hf_cfg.get("scale_attn_weights", True) or hf_cfg.get("scale_attn_by_inverse_layer_idx"):
             problems.append("attention scores not scaled by 1/sqrt(head size)")
-        if not hf_cfg.get("tie_word_embeddings", True):
-            problems.append("an output layer apart from the embedding (tie_word_embeddings=false)")
         if hf_cfg.get("add_cross_attention"):
             problems.append("cross-attention")
         if hf_cfg["n_embd"] % hf_cfg["n_head"]:
@@ -83,7 +84,8 @@ class GPTHFAdapter:
             num_attention_heads=hf_cfg["n_head"], ffn_hidden_size=hf_cfg.get("n_inner") or 4 * hf_cfg["n_embd"],
             seq_length=positions, max_position_embeddings=positions, vocab_size=hf_cfg["vocab_size"],
             norm_epsilon=float(hf_cfg.get("layer_norm_epsilon", 1e-5)),
-            init_method_std=float(hf_cfg.get("initializer_range", 0.02)), transformer_impl="local")
+            init_method_std=float(hf_cfg.get("initializer_range", 0.02)), transformer_impl="local",
+            untie_embeddings_and_output_weights=None if hf_cfg.get("tie_word_embeddings", True) else True)
 
     def to_hf(self, sd: Tensors) -> Tensors:
         """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
@@ -104,15 +106,16 @@ class GPTHFAdapter:
                 out[dst + theirs + ".bias"] = get(src + ours + ".bias")
         out["transformer.ln_f.weight"] = get("decoder.final_layernorm.weight")
         out["transformer.ln_f.bias"] = get("decoder.final_layernorm.bias")
-        out["lm_head.weight"] = out["transformer.wte.weight"]
+        out["lm_head.weight"] = out["transformer.wte.weight"] if self.dims.tied_embeddings else \
+            get("output_layer.weight")[:V]
         return out
 
     def from_hf(self, hf: Tensors, *, tie_word_embeddings: bool = True) -> Tensors:
         """A Hugging Face GPT-2 state dict -> our full state dict (fp32; the vocabulary padded with zero rows).
-        GPT-2's output layer is its embedding, so `tie_word_embeddings` (checked by from_hf_config) is unused."""
-        m = self.m
-        h = m.hidden_size
-        sd = {"embedding.word_embeddings.weight": pad_rows(hf["transformer.wte.weight"], self.dims.padded_vocab_size),
+        Whether the output layer is the embedding is our model's setting (from_hf_config reads it from the
+        Hugging Face config), so `tie_word_embeddings` is unused."""
+        m, h, Vp = self.m, self.m.hidden_size, self.dims.padded_vocab_size
+        sd = {"embedding.word_embeddings.weight": pad_rows(hf["transformer.wte.weight"], Vp),
               "embedding.position_embeddings.weight": hf["transformer.wpe.weight"]}
         for i in range(m.num_layers):
             src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
@@ -127,4 +130,6 @@ class GPTHFAdapter:
                 sd[dst + ours + ".bias"] = hf[src + theirs + ".bias"]
         sd["decoder.final_layernorm.weight"] = hf["transformer.ln_f.weight"]
         sd["decoder.final_layernorm.bias"] = hf["transformer.ln_f.bias"]
+        if not self.dims.tied_embeddings:
+            sd["output_layer.weight"] = pad_rows(hf["lm_head.weight"], Vp)
         return {k: v.float().contiguous() for k, v in sd.items()}

@@ -10,6 +10,8 @@ decoder.layers.0.self_attention.linear_qkv.weight); hf/ reads them from a checkp
   <-> input_layernorm, post_attention_layernorm, model.norm.
 - rotary embedding: megatron-core's default (rotary_interleaved=False) rotates halves, like HF's rotate_half;
   inv_freq = base^(-2i/d) in both. tests/test_hf_convert.py checks the logits agree.
+- output layer: output_layer <-> lm_head; a LLaMA with tied embeddings (--untie-embeddings-and-output-weights
+  false) has none, and Hugging Face's tie_word_embeddings says so.
 - vocabulary: ours is padded to a multiple of make_vocab_size_divisible_by; Hugging Face gets the true
   vocabulary (rows beyond it are dropped, and are zeros when importing).
 """
@@ -47,7 +49,8 @@ class LlamaHFAdapter:
             num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=groups, head_dim=hd,
             hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length,
             initializer_range=m.init_method_std, rms_norm_eps=m.norm_epsilon,
-            rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)}, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
+            tie_word_embeddings=self.dims.tied_embeddings,
             attention_bias=False, mlp_bias=False, bos_token_id=special_ids.get("bos"),
             eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"),
             architectures=[self.architecture], dtype="float32")
@@ -102,12 +105,13 @@ class LlamaHFAdapter:
             out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = fc1[:ffn].clone(), fc1[ffn:].clone()
             out[dst + "mlp.down_proj.weight"] = get(src + "mlp.linear_fc2.weight")
         out["model.norm.weight"] = get("decoder.final_layernorm.weight")
-        out["lm_head.weight"] = get("output_layer.weight")[:V]
+        out["lm_head.weight"] = out["model.embed_tokens.weight"] if self.dims.tied_embeddings else \
+            get("output_layer.weight")[:V]
         return out
 
     def from_hf(self, hf: Tensors, *, tie_word_embeddings: bool) -> Tensors:
-        """A Hugging Face state dict -> our full state dict (fp32; the vocabulary padded with zero rows). A tied
-        Hugging Face model (or one without lm_head) gets its embedding as our separate output layer."""
+        """A Hugging Face state dict -> our full state dict (fp32; the vocabulary padded with zero rows). Into our
+        untied model, a tied Hugging Face model (or one without lm_head) gives its embedding as the output layer."""
         m, Vp = self.m, self.dims.padded_vocab_size
         sd = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"], Vp)}
         for i in range(m.num_layers):
@@ -122,6 +126,7 @@ class LlamaHFAdapter:
                                                            hf[src + "mlp.up_proj.weight"]])
             sd[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
         sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-        tied = tie_word_embeddings or "lm_head.weight" not in hf
-        sd["output_layer.weight"] = pad_rows(hf["model.embed_tokens.weight" if tied else "lm_head.weight"], Vp)
+        if not self.dims.tied_embeddings:
+            tied = tie_word_embeddings or "lm_head.weight" not in hf
+            sd["output_layer.weight"] = pad_rows(hf["model.embed_tokens.weight" if tied else "lm_head.weight"], Vp)
         return {k: v.float().contiguous() for k, v in sd.items()}
