@@ -1,5 +1,6 @@
-"""What every family's Hugging Face adapter (models/<family>/hf_adapter.py) shares: the conversion error,
-megatron-core's grouped QKV layout, the padded vocabulary and the checks of a Hugging Face rotary config.
+"""What every family's Hugging Face adapter (models/<family>/hf_adapter.py) shares: the adapter's interface
+(HFAdapter, what ModelFamily.hf names), the conversion error, megatron-core's grouped QKV layout, the padded
+vocabulary and the checks of a Hugging Face rotary config.
 
 megatron-core's attention `linear_qkv.weight` [G * (n + 2) * hd, h] (and its bias [G * (n + 2) * hd]) is grouped
 per key/value group g: the n query heads of g, then k_g, then v_g (G groups, n = heads / G query heads per
@@ -9,7 +10,7 @@ group one after the other.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -18,6 +19,57 @@ from ..config import ModelConfig
 
 class ConversionError(ValueError):
     """A model that cannot be converted. The message names the problem and the fix."""
+
+
+class HFAdapter:
+    """Converts one model of ours (`m`) to and from one transformers architecture, on full (unsharded) state
+    dicts: ours with the keys of the TP = PP = 1 model built with the local spec, theirs as transformers has them.
+
+    A family's adapter sets the four names below and implements to_hf_config (the transformers config's
+    arguments), hf_config_problems (what a config.json has that our model has not), model_config, to_hf and
+    from_hf; hf/ does the rest (folders, TempNet, tokenizer) the same for every family."""
+
+    model_type: str  # config.json's
+    architecture: str  # the transformers class
+    label: str  # how messages name it
+    arch: str  # our --arch of the models it converts
+
+    def __init__(self, m: ModelConfig) -> None:
+        from .registry import model_dims  # (the registry imports the families, which name their adapters)
+
+        self.m, self.dims = m, model_dims(m)
+
+    def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
+        """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
+        raise NotImplementedError
+
+    @classmethod
+    def hf_config_problems(cls, hf_cfg: dict) -> List[str]:
+        """What a Hugging Face config.json of this model type has that our model has not."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_config(cls, hf_cfg: dict, where: str) -> ModelConfig:
+        """Our model config for a Hugging Face config.json (from `where`); refuses (ConversionError) one our model
+        cannot represent exactly, naming what differs."""
+        problems = cls.hf_config_problems(hf_cfg)
+        if problems:
+            raise ConversionError(f"{where}: this {cls.label} uses {', '.join(problems)}, which our --arch {cls.arch} "
+                                  "does not have; it cannot be converted exactly")
+        return cls.model_config(hf_cfg)
+
+    @classmethod
+    def model_config(cls, hf_cfg: dict) -> ModelConfig:
+        """Our model config for a Hugging Face config.json that hf_config_problems accepts."""
+        raise NotImplementedError
+
+    def to_hf(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
+        raise NotImplementedError
+
+    def from_hf(self, hf: Dict[str, torch.Tensor], *, tie_word_embeddings: bool) -> Dict[str, torch.Tensor]:
+        """A Hugging Face state dict -> our full state dict (fp32; the vocabulary padded with zero rows)."""
+        raise NotImplementedError
 
 
 def attention_dims(m: ModelConfig) -> Tuple[int, int, int, int]:

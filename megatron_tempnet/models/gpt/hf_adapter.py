@@ -21,7 +21,7 @@ from typing import Dict
 import torch
 
 from ...config import ModelConfig
-from ..hf_mapping import ConversionError, merge_qkv, pad_rows, split_qkv
+from ..hf_mapping import HFAdapter, merge_qkv, pad_rows, split_qkv
 
 Tensors = Dict[str, torch.Tensor]
 # (ours, GPT-2's) linears after the attention's QKV, whose GPT-2 weights are Conv1D's (transposed)
@@ -30,7 +30,7 @@ _CONV1D = (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "ml
 _NORMS = (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2"))
 
 
-class GPTHFAdapter:
+class GPTHFAdapter(HFAdapter):
     """Converts one GPT (`m`) to and from GPT2LMHeadModel."""
 
     model_type = "gpt2"  # config.json's
@@ -38,13 +38,7 @@ class GPTHFAdapter:
     label = "GPT-2"  # how messages name it
     arch = "gpt"  # our --arch of the models it converts
 
-    def __init__(self, m: ModelConfig) -> None:
-        from ..registry import model_dims  # (the registry imports the families, which name their adapters)
-
-        self.m, self.dims = m, model_dims(m)
-
     def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
-        """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
         m = self.m
         return dict(
             vocab_size=m.vocab_size, n_positions=m.max_position_embeddings or m.seq_length, n_embd=m.hidden_size,
@@ -57,7 +51,6 @@ class GPTHFAdapter:
 
     @classmethod
     def hf_config_problems(cls, hf_cfg: dict) -> list:
-        """What a Hugging Face GPT-2 config.json has that our GPT has not."""
         problems = []
         act = hf_cfg.get("activation_function", "gelu_new")
         if act != "gelu":
@@ -71,13 +64,7 @@ class GPTHFAdapter:
         return problems
 
     @classmethod
-    def from_hf_config(cls, hf_cfg: dict, where: str) -> ModelConfig:
-        """Our model config for a Hugging Face config.json; refuses (ConversionError) one our GPT cannot
-        represent exactly, naming what differs."""
-        problems = cls.hf_config_problems(hf_cfg)
-        if problems:
-            raise ConversionError(f"{where}: this {cls.label} uses {', '.join(problems)}, which our GPT does not "
-                                  "have; it cannot be converted exactly")
+    def model_config(cls, hf_cfg: dict) -> ModelConfig:
         positions = hf_cfg.get("n_positions", 1024)
         return ModelConfig(
             arch=cls.arch, num_layers=hf_cfg["n_layer"], hidden_size=hf_cfg["n_embd"],
@@ -88,7 +75,6 @@ class GPTHFAdapter:
             untie_embeddings_and_output_weights=None if hf_cfg.get("tie_word_embeddings", True) else True)
 
     def to_hf(self, sd: Tensors) -> Tensors:
-        """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
         m, V = self.m, self.m.vocab_size
         get = lambda k: sd[k].detach().clone()  # noqa: E731
         out = {"transformer.wte.weight": get("embedding.word_embeddings.weight")[:V],

@@ -22,12 +22,12 @@ from typing import Dict
 import torch
 
 from ...config import ModelConfig
-from ..hf_mapping import ConversionError, attention_dims, merge_qkv, pad_rows, rope_problems, rope_theta, split_qkv
+from ..hf_mapping import HFAdapter, attention_dims, merge_qkv, pad_rows, rope_problems, rope_theta, split_qkv
 
 Tensors = Dict[str, torch.Tensor]
 
 
-class LlamaHFAdapter:
+class LlamaHFAdapter(HFAdapter):
     """Converts one LLaMA (`m`) to and from LlamaForCausalLM."""
 
     model_type = "llama"  # config.json's
@@ -35,13 +35,7 @@ class LlamaHFAdapter:
     label = "LLaMA"  # how messages name it
     arch = "llama"  # our --arch of the models it converts
 
-    def __init__(self, m: ModelConfig) -> None:
-        from ..registry import model_dims  # (the registry imports the families, which name their adapters)
-
-        self.m, self.dims = m, model_dims(m)
-
     def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
-        """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
         m = self.m
         heads, groups, hd, _ = attention_dims(m)
         return dict(
@@ -57,7 +51,6 @@ class LlamaHFAdapter:
 
     @classmethod
     def hf_config_problems(cls, hf_cfg: dict) -> list:
-        """What a Hugging Face config.json of this model type has that our model has not."""
         problems = rope_problems(hf_cfg)
         if hf_cfg.get("attention_bias"):
             problems.append("attention biases (attention_bias=true)")
@@ -71,13 +64,7 @@ class LlamaHFAdapter:
         return problems
 
     @classmethod
-    def from_hf_config(cls, hf_cfg: dict, where: str) -> ModelConfig:
-        """Our model config for a Hugging Face config.json; refuses (ConversionError) one our model cannot
-        represent exactly, naming what differs."""
-        problems = cls.hf_config_problems(hf_cfg)
-        if problems:
-            raise ConversionError(f"{where}: this {cls.label} uses {', '.join(problems)}, which our {cls.label} does "
-                                  "not have; it cannot be converted exactly")
+    def model_config(cls, hf_cfg: dict) -> ModelConfig:
         heads = hf_cfg["num_attention_heads"]
         positions = hf_cfg.get("max_position_embeddings", 2048)
         return ModelConfig(
@@ -89,7 +76,6 @@ class LlamaHFAdapter:
             init_method_std=float(hf_cfg.get("initializer_range", 0.02)), transformer_impl="local")
 
     def to_hf(self, sd: Tensors) -> Tensors:
-        """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
         m, V, ffn = self.m, self.m.vocab_size, self.dims.ffn_hidden_size
         get = lambda k: sd[k].detach().clone()  # noqa: E731
         out = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight")[:V]}
