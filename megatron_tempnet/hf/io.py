@@ -193,9 +193,9 @@ def _load_hf_weights(hf_dir: Path) -> dict:
 
 
 def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
-    """A Hugging Face LLaMA folder -> a model-only checkpoint of ours (iteration 0) in `out_dir`, to start
-    runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a new TempNet). A TempNet
-    written by export_to_hf comes along."""
+    """A Hugging Face folder of a family with an adapter (LLaMA, GPT-2, Qwen2) -> a model-only checkpoint of ours
+    (iteration 0) in `out_dir`, to start runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a
+    new TempNet). A TempNet written by export_to_hf comes along."""
     from ..config import Config
     from ..models.registry import model_dims
     from ..inference.model import build_model, ensure_single_process_group
