@@ -11,8 +11,10 @@ import pytest
 from megatron_tempnet.config import Config, ConfigError, load_config
 from megatron_tempnet.finalize import validate
 from megatron_tempnet.config_fields import HELP
+from megatron_tempnet.models.registry import family_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ", ".join(family_names())  # the registered families, as the messages list them
 TINY = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-interval", "0",
         "--eval-iters", "1", "--train-iters", "2", "--log-interval", "1"]
@@ -102,7 +104,7 @@ def test_a_yaml_number_is_checked_like_a_flag(tmp_path):
 def test_a_yaml_choice_is_checked_like_a_flag(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  arch: gtp\n")
-    _refuse(["--config", str(path)], "--arch must be one of gpt, llama; got 'gtp'")
+    _refuse(["--config", str(path)], f"--arch must be one of {ARCHS}; got 'gtp'")
 
 
 def test_zero_global_batch_neither_passes_dry_run_nor_hangs():
@@ -140,7 +142,7 @@ def test_yaml_errors_are_one_line_on_rank_0(tmp_path, yaml_text, words):
 
 
 @pytest.mark.parametrize("args,line", [
-    (["--arch", "gtp"], "error: --arch must be one of gpt, llama; got 'gtp'"),  # the same words as from YAML
+    (["--arch", "gtp"], f"error: --arch must be one of {ARCHS}; got 'gtp'"),  # the same words as from YAML
     (["--num-layers", "four"], "error: argument --num-layers: invalid int value: 'four' (see --help)"),
     (["--hidden-sise", "64"], "error: unrecognized arguments: --hidden-sise 64 (see --help)"),
 ])
@@ -170,7 +172,8 @@ def test_trainer_help_shows_description_choices_and_default_of_every_flag():
             assert "choices:" in action.help and action.metavar.startswith("{")
     text = subprocess.run([sys.executable, "-m", "megatron_tempnet.train", "--help"], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="200")).stdout
-    assert re.search(r"--arch \{gpt,llama\}\s+model family.*\(choices: gpt, llama\) \(default: gpt\)", text), text
+    assert re.search(rf"--arch \{{{','.join(family_names())}\}}\s+model family.*\(choices: {ARCHS}\) \(default: gpt\)",
+                     text), text
     assert re.search(r"--dro-rho DRO_RHO\s+DRO radius.*\(must be >= 0\) \(default: unset\)", text), text
 
 

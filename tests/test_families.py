@@ -10,9 +10,9 @@ TYING = [("gpt", None, True), ("gpt", True, False), ("llama", None, False), ("ll
 
 
 def test_unknown_family_names_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"--arch must be one of gpt, llama; got 'gtp'"):
+    with pytest.raises(ConfigError, match=f"--arch must be one of {', '.join(FAMILIES)}; got 'gtp'"):
         get_family("gtp")
-    assert set(FAMILIES) == {"gpt", "llama"} and all(name == f.name for name, f in FAMILIES.items())
+    assert {"gpt", "llama"} <= set(FAMILIES) and all(name == f.name for name, f in FAMILIES.items())
 
 
 def test_dims_follow_the_family_and_the_flags():

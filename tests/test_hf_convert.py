@@ -3,7 +3,8 @@ logits and per-token temperatures equal ours (LLaMA's TempNet with the scale inp
 (trust_remote_code=True: generate and pipeline) samples the tokens, with the temperatures, of our generator
 at the same seed; without remote code the folder is the plain architecture; half a TempNet is refused;
 LLaMA HF -> ours -> HF is identical; a converted LLaMA starts a frozen-LM TempNet run; unsupported folders
-are refused with the reason."""
+are refused with the reason; export reads a TP=2 x PP=2 checkpoint without torch.distributed; GPT HF -> ours -> HF
+is identical too."""
 import json
 import os
 import shutil
@@ -62,6 +63,8 @@ def _convert_and_generate(root):
     export_to_hf(os.path.join(root, "llama"), os.path.join(root, "hf_llama_bf16"), dtype="bf16")
     import_from_hf(os.path.join(root, "hf_llama"), os.path.join(root, "ckpt_from_hf"))
     export_to_hf(os.path.join(root, "ckpt_from_hf"), os.path.join(root, "hf_llama_again"))
+    import_from_hf(os.path.join(root, "hf_gpt"), os.path.join(root, "gpt_from_hf"))
+    export_to_hf(os.path.join(root, "gpt_from_hf"), os.path.join(root, "hf_gpt_again"))
     frozen = tiny_config("llama", train__train_iters=1, train__mode="frozen_lm", model__vocab_size=VOCAB,
                          tempnet__hidden_size=8, checkpoint__pretrained_checkpoint=os.path.join(root, "ckpt_from_hf"),
                          checkpoint__save=os.path.join(root, "frozen"))
@@ -165,11 +168,10 @@ def test_our_generator_command_line_samples_what_the_fixture_compares(converted)
     torch.testing.assert_close(torch.tensor(rec["taus"]), torch.tensor(taus), atol=1e-5, rtol=0)
 
 
-def test_llama_round_trip_is_identical(converted):
+def _assert_same_folders(a, b):
+    """Two Hugging Face folders with identical tensors, configs and copied files."""
     from safetensors.torch import load_file
 
-    root, _ = converted
-    a, b = root / "hf_llama", root / "hf_llama_again"
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert ta.keys() == tb.keys() and any(k.startswith("tempnet.") for k in ta)
     for k in ta:
@@ -179,6 +181,55 @@ def test_llama_round_trip_is_identical(converted):
     for name in ("modeling_tempnet.py", "configuration_tempnet.py", "tempnet_processor.py", "tokenizer.json",
                  "tokenizer.model"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_llama_round_trip_is_identical(converted):
+    root, _ = converted
+    _assert_same_folders(root / "hf_llama", root / "hf_llama_again")
+
+
+def test_gpt_round_trip_is_identical(converted):
+    root, _ = converted
+    _assert_same_folders(root / "hf_gpt", root / "hf_gpt_again")
+
+
+EXPORT_WITHOUT_PROCESS_GROUP = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+def refuse(*args, **kwargs):
+    raise AssertionError("export started a process group or built a megatron model")
+
+dist.init_process_group = refuse
+GPTModel.__init__ = refuse
+from megatron_tempnet.hf.io import export_to_hf
+
+for ckpt, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    export_to_hf(ckpt, out)
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+print("exported without a process group")
+"""
+
+
+def test_export_of_a_tp2_pp2_checkpoint_needs_no_process_group(converted, tmp_path):
+    """In a fresh process where starting a process group or building a megatron model fails, both TP=2 x PP=2
+    checkpoints export to the folders the tests above check (identical tensors and configs)."""
+    from megatron_tempnet.training.checkpointing import read_info, resolve_checkpoint
+
+    root, _ = converted
+    args = []
+    for arch in ("gpt", "llama"):
+        layout = read_info(resolve_checkpoint(root / arch))["layout"]
+        assert (layout["tp"], layout["pp"]) == (2, 2)
+        args += [str(root / arch), str(tmp_path / arch)]
+    proc = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_PROCESS_GROUP, *args], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and "exported without a process group" in proc.stdout, proc.stderr[-3000:]
+    for arch in ("gpt", "llama"):
+        _assert_same_folders(root / f"hf_{arch}", tmp_path / arch)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
@@ -346,7 +397,7 @@ def test_unsupported_hf_folders_are_refused(tmp_path):
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(ConversionError, match="BertForMaskedLM .model_type 'bert'.; only LLaMA folders"):
+    with pytest.raises(ConversionError, match="BertForMaskedLM .model_type 'bert'.; only .*LLaMA folders"):
         read_hf_config(str(bert))
     with pytest.raises(ConversionError, match="has no config.json"):
         read_hf_config(str(tmp_path))
@@ -360,7 +411,7 @@ def test_unsupported_hf_folders_are_refused(tmp_path):
     # the CLI says the same, without a traceback
     proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--from-hf", str(bert), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "only LLaMA" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "LLaMA folders" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -4,16 +4,18 @@
     # ours (a save folder or one iter_N folder, saved at any TP/PP) -> Hugging Face
     python tools/convert_to_hf.py --load runs/llama --out hf/llama [--tokenizer-model tok.model] [--dtype bf16]
 
-    # a Hugging Face LLaMA folder -> a model-only checkpoint of ours, to finetune or to give a TempNet:
+    # a Hugging Face LLaMA, GPT-2 or Qwen2 folder -> a model-only checkpoint of ours, to finetune or to give a TempNet:
     python tools/convert_to_hf.py --from-hf hf/llama --out ckpt/llama
     python -m megatron_tempnet.train ... --pretrained-checkpoint ckpt/llama --mode frozen_lm --tempnet-enabled
 
-GPT -> GPT2LMHeadModel, LLaMA -> LlamaForCausalLM, weights as safetensors, the tokenizer (tokenizer.json
-built from the sentencepiece model, plus the .model itself). With TempNet the folder holds the TempNet model
-(modeling_tempnet.py and the files it imports, auto_map in config.json): loaded with
+GPT -> GPT2LMHeadModel, LLaMA -> LlamaForCausalLM, Qwen2 -> Qwen2ForCausalLM, weights as safetensors, the
+tokenizer (tokenizer.json built from the sentencepiece model, plus the .model itself). With TempNet (GPT and
+LLaMA) the folder holds the TempNet model (modeling_tempnet.py and the files it imports, auto_map in
+config.json): loaded with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (or through `pipeline`), its `generate`
 samples with TempNet's per-token temperatures like `python -m megatron_tempnet.generate`; loaded without
-trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun.
+trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun
+(export starts no process group).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--load", metavar="DIR",
                      help="our checkpoint to export: a --save folder (its latest) or one iter_N folder (this or --from-hf "
                           "is required)")
-    src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face LLaMA folder to convert into our checkpoint format")
+    src.add_argument("--from-hf", metavar="HF_DIR",
+                     help="a Hugging Face LLaMA, GPT-2 or Qwen2 folder to convert into our checkpoint format")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder; new or empty (required)")
     p.add_argument("--tokenizer-model", metavar="PATH",
                    help="tokenizer to ship with --load (default: the one the run was trained with)")

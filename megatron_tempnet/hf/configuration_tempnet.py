@@ -17,3 +17,4 @@ class TempNetLlamaConfig(LlamaConfig):
 
 TempNetGPT2Config.register_for_auto_class()
 TempNetLlamaConfig.register_for_auto_class()
+TEMPNET_CONFIGS = {"gpt2": TempNetGPT2Config, "llama": TempNetLlamaConfig}  # by config.json's model_type

@@ -1,8 +1,9 @@
-"""Convert whole checkpoints: ours -> a Hugging Face folder, and a Hugging Face LLaMA folder -> ours.
+"""Convert whole checkpoints: ours -> a Hugging Face folder, and a Hugging Face folder -> ours.
 
-Both run in one process on a 1-rank process group (megatron-core needs one to build and load a model):
-our checkpoint, saved at any TP/PP, is loaded at TP = PP = 1 through dist_checkpointing (resharding).
-Callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
+Export runs in this process without torch.distributed: our checkpoint, saved at any TP/PP, is read as full
+tensors (checkpoint_state.py) and mapped by its family's adapter (models/<family>/hf_adapter.py). Import
+builds our model at TP = PP = 1 on a 1-rank process group (megatron-core needs one to save a checkpoint);
+callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
 
 The Hugging Face folder holds: config.json, generation_config.json (sampling as
 `python -m megatron_tempnet.generate` does by default: do_sample, top_k 0, top_p 1, temperature 1),
@@ -24,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_config,
-                      model_config_from_hf, tempnet_from_hf, tempnet_to_hf, to_hf_state_dict)
+from .checkpoint_state import model_state_dict
+from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_adapter, hf_config,
+                      model_config_from_hf, tempnet_from_hf, tempnet_hf_config, tempnet_to_hf, to_hf_state_dict)
 from .tempnet_processor import WEIGHT_PREFIX, TempNetFolderError, check_folder
 
 SOURCE_FILE = "megatron_tempnet.json"
@@ -49,15 +51,16 @@ def _special_ids(tokenizer_model: Optional[str]) -> dict:
     return ids
 
 
-def _hf_model_class(hcfg):
-    """The transformers class of a config from hf_config: modeling_tempnet's when it carries TempNet."""
+def _hf_model_class(hcfg, architecture: str):
+    """The transformers class of a config from hf_config: modeling_tempnet's when it carries TempNet, else
+    transformers' `architecture` (the family adapter's)."""
     if getattr(hcfg, "tempnet", None):
         from .modeling_tempnet import TEMPNET_MODELS
 
         return TEMPNET_MODELS[hcfg.model_type]
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    import transformers
 
-    return GPT2LMHeadModel if hcfg.model_type == "gpt2" else LlamaForCausalLM
+    return getattr(transformers, architecture)
 
 
 def _generation_config(special: dict, tempnet: Optional[dict]):
@@ -75,25 +78,36 @@ def _generation_config(special: dict, tempnet: Optional[dict]):
 
 def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str] = None, dtype: str = "fp32",
                  overwrite: bool = False) -> Path:
-    """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder."""
-    from ..inference.model import load_checkpoint_model
+    """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder, in this process
+    without torch.distributed: no megatron model is built."""
+    from ..inference.model import inference_config
+    from ..training.checkpointing import check_integrity, read_info, resolve_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty; pass an empty or new folder (or --overwrite)")
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
-    model, cfg, ckpt = load_checkpoint_model(ckpt_path)
-    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ckpt = resolve_checkpoint(ckpt_path)
+    info = read_info(ckpt)
+    cfg = inference_config(info["config"])
+    adapter = hf_adapter(cfg.model)
     tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
     if tokenizer_model and not Path(tokenizer_model).exists():
         raise ConversionError(f"tokenizer {tokenizer_model} (from the checkpoint's config) does not exist; pass "
                               "--tokenizer-model with the tokenizer the model was trained with")
     special = _special_ids(tokenizer_model)
-    tn_config, tn_tensors = tempnet_to_hf(cfg, sd) if cfg.tempnet.enabled else (None, {})
-    hcfg = hf_config(cfg, special, tn_config)
-    hf_model = _hf_model_class(hcfg)(hcfg)
-    weights = to_hf_state_dict(cfg, sd)
+    tn_config = tempnet_hf_config(cfg) if cfg.tempnet.enabled else None
+    hcfg = hf_config(cfg, special, tn_config)  # before any tensor is read: refuses what has no Hugging Face class
+    check_integrity(ckpt, cfg)
+    sd = model_state_dict(ckpt, cfg.model)
+    tn_tensors = tempnet_to_hf(cfg, sd) if tn_config else {}
+    hf_model = _hf_model_class(hcfg, adapter.architecture)(hcfg)
+    try:
+        weights = to_hf_state_dict(cfg, sd)
+    except KeyError as err:
+        raise ConversionError(f"{ckpt} has no tensor {err}, which the {adapter.label} its config describes has; pass "
+                              "a complete checkpoint of ours") from None
     weights.update({WEIGHT_PREFIX + k: v for k, v in tn_tensors.items()})
     missing, unexpected = hf_model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not hcfg.tie_word_embeddings]
@@ -107,19 +121,24 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer_model:
-        if Path(tokenizer_model).is_dir():  # a Hugging Face tokenizer folder: its files are copied as they are
-            for name in os.listdir(tokenizer_model):
-                if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
-                    shutil.copy(os.path.join(tokenizer_model, name), out / name)
-        else:
-            from .tokenizer import save_hf_tokenizer
-
-            save_hf_tokenizer(tokenizer_model, out, model_max_length=hcfg.max_position_embeddings
-                              if hasattr(hcfg, "max_position_embeddings") else hcfg.n_positions)
-    source = {"converted_from": str(ckpt), "iteration": json.loads((ckpt / "tempnet_checkpoint.json").read_text())["iteration"],
-              "config": cfg.to_dict(), "tempnet": bool(cfg.tempnet.enabled), "tokenizer": bool(tokenizer_model)}
+        _write_tokenizer(tokenizer_model, out, hcfg.max_position_embeddings)
+    source = {"converted_from": str(ckpt), "iteration": info["iteration"], "config": cfg.to_dict(),
+              "tempnet": bool(cfg.tempnet.enabled), "tokenizer": bool(tokenizer_model)}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return out
+
+
+def _write_tokenizer(tokenizer_model: str, out: Path, model_max_length: int) -> None:
+    """The tokenizer into the Hugging Face folder: a Hugging Face tokenizer folder's files as they are, or
+    tokenizer.json (and the .model) built from a sentencepiece model."""
+    if Path(tokenizer_model).is_dir():
+        for name in os.listdir(tokenizer_model):
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+                shutil.copy(os.path.join(tokenizer_model, name), out / name)
+    else:
+        from .tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer_model, out, model_max_length=model_max_length)
 
 
 def load_hf_model(folder: str | os.PathLike):
@@ -174,9 +193,9 @@ def _load_hf_weights(hf_dir: Path) -> dict:
 
 
 def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
-    """A Hugging Face LLaMA folder -> a model-only checkpoint of ours (iteration 0) in `out_dir`, to start
-    runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a new TempNet). A TempNet
-    written by export_to_hf comes along."""
+    """A Hugging Face folder of a family with an adapter (LLaMA, GPT-2, Qwen2) -> a model-only checkpoint of ours
+    (iteration 0) in `out_dir`, to start runs with --pretrained-checkpoint (finetune, or --mode frozen_lm with a
+    new TempNet). A TempNet written by export_to_hf comes along."""
     from ..config import Config
     from ..models.registry import model_dims
     from ..inference.model import build_model, ensure_single_process_group
@@ -188,7 +207,7 @@ def import_from_hf(hf_dir: str, out_dir: str, *, seed: int = 1234) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not empty; pass an empty or new folder")
     cfg = Config()
-    cfg.model = model_config_from_hf(hcfg)
+    cfg.model = model_config_from_hf(hcfg, str(src))
     cfg.train.seed = seed
     cfg.data.mock_data = True
     tok_dir_files = [n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).is_file()]

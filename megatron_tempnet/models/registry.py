@@ -11,8 +11,9 @@ from ..config import ConfigError, ModelConfig
 from .family import ModelDims, ModelFamily
 from .gpt import FAMILY as GPT
 from .llama import FAMILY as LLAMA
+from .qwen2 import FAMILY as QWEN2
 
-FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (GPT, LLAMA)}
+FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (GPT, LLAMA, QWEN2)}
 
 
 def family_names() -> Tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..family import ModelFamily
+from .hf_adapter import GPTHFAdapter
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
@@ -14,4 +15,5 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
 FAMILY = ModelFamily(
     name="gpt", normalization="LayerNorm", activation=F.gelu, gated_mlp=False, linear_biases=True,
     qkv_biases=True, learned_positions=True, tied_embeddings=True, default_ffn_hidden_size=default_ffn_hidden_size,
+    hf=GPTHFAdapter,
 )

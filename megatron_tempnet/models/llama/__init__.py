@@ -6,6 +6,7 @@ import math
 import torch.nn.functional as F
 
 from ..family import ModelFamily
+from .hf_adapter import LlamaHFAdapter
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
@@ -16,4 +17,5 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
 FAMILY = ModelFamily(
     name="llama", normalization="RMSNorm", activation=F.silu, gated_mlp=True, linear_biases=False,
     qkv_biases=False, learned_positions=False, tied_embeddings=False, default_ffn_hidden_size=default_ffn_hidden_size,
+    hf=LlamaHFAdapter,
 )
