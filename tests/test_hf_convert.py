@@ -217,7 +217,7 @@ print("exported without a process group")
 def test_export_of_a_tp2_pp2_checkpoint_needs_no_process_group(converted, tmp_path):
     """In a fresh process where starting a process group or building a megatron model fails, both TP=2 x PP=2
     checkpoints export to the folders the tests above check (identical tensors and configs)."""
-    from megatron_tempnet.training.checkpointing import read_info, resolve_checkpoint
+    from megatron_tempnet.checkpoint import read_info, resolve_checkpoint
 
     root, _ = converted
     args = []

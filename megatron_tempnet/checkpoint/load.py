@@ -22,10 +22,11 @@ from ..config import Config
 from .compat import check_layout_fits, check_model_matches
 from .folders import CheckpointError, read_info, resolve_checkpoint
 from .integrity import verify_checkpoint
+from ..models.build import unwrap
 from .optimizer_state import load_optimizer_state, main_params_from_model_weights, switch_optimizer_format
 from .safe_load import checkpoint_tensor_shapes, safe_dist_load
 from .state import (model_key, model_sharded_state_dict, parallel_layout, set_rng_state, sharded_state_dict_metadata,
-                    training_state_dict, unwrap)
+                    training_state_dict)
 
 
 @dataclass

@@ -23,14 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..models.build import unwrap
 from .optimizer_state import DISTRIB_OPTIM_SHARDING, init_distributed_optimizer_state
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def sharded_state_dict_metadata() -> dict:

@@ -1,7 +1,7 @@
 """Convert whole checkpoints: ours -> a Hugging Face folder, and a Hugging Face folder -> ours.
 
 Export runs in this process without torch.distributed: our checkpoint, saved at any TP/PP, is read as full
-tensors (checkpoint_state.py) and mapped by its family's adapter (models/<family>/hf_adapter.py). Import
+tensors (checkpoint/full_weights.py) and mapped by its family's adapter (models/<family>/hf_adapter.py). Import
 builds our model at TP = PP = 1 on a 1-rank process group (megatron-core needs one to save a checkpoint);
 callers need an `if __name__ == "__main__":` guard (dist_checkpointing re-imports the main module).
 
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_state import model_state_dict
+from ..checkpoint import full_model_state_dict
 from .convert import (ConversionError, check_hf_config, from_hf_state_dict, hf_adapter, hf_config,
                       model_config_from_hf, tempnet_from_hf, tempnet_hf_config, tempnet_to_hf, to_hf_state_dict)
 from .tempnet_processor import WEIGHT_PREFIX, TempNetFolderError, check_folder
@@ -81,7 +81,7 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
     """Our checkpoint (a save folder or one iter_N folder, any TP/PP) -> a Hugging Face folder, in this process
     without torch.distributed: no megatron model is built."""
     from ..inference.model import inference_config
-    from ..training.checkpointing import check_integrity, read_info, resolve_checkpoint
+    from ..checkpoint import check_integrity, read_info, resolve_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -100,7 +100,7 @@ def export_to_hf(ckpt_path: str, out_dir: str, *, tokenizer_model: Optional[str]
     tn_config = tempnet_hf_config(cfg) if cfg.tempnet.enabled else None
     hcfg = hf_config(cfg, special, tn_config)  # before any tensor is read: refuses what has no Hugging Face class
     check_integrity(ckpt, cfg)
-    sd = model_state_dict(ckpt, cfg.model)
+    sd = full_model_state_dict(ckpt, cfg.model)
     tn_tensors = tempnet_to_hf(cfg, sd) if tn_config else {}
     hf_model = _hf_model_class(hcfg, adapter.architecture)(hcfg)
     try:

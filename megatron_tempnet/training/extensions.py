@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .model_setup import unwrap
+from ..models.build import unwrap
 
 _ATTR = "_step_extensions"
 

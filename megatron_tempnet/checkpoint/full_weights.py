@@ -6,7 +6,7 @@ joined, each layer's tensors stacked on dim 0 under one key ("decoder.layers.sel
 [layers, ...]), and some modules under the names their Transformer Engine counterparts have (the layer
 spec's sharded_state_dict_keys_map, e.g. input_layernorm.weight stored as
 self_attention.linear_qkv.layer_norm_weight). This module undoes both, so the result has the keys of
-`model.state_dict()` (decoder.layers.0.input_layernorm.weight, ...), which the families' adapters convert.
+`model.state_dict()` (decoder.layers.0.input_layernorm.weight, ...), which the families' Hugging Face adapters convert (hf/io.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 
 from ..config import ModelConfig
+from .safe_load import read_checkpoint_tensors
 
 LAYERS = "decoder.layers."
 # the top-level modules of our model (megatron-core's GPTModel plus TempNet); the rest is the optimizer's
@@ -41,12 +42,11 @@ def unstack_layers(tensors: Dict[str, torch.Tensor], keys_map: Dict[str, str]) -
     return out
 
 
-def model_state_dict(ckpt_dir: str | os.PathLike, m: ModelConfig) -> Dict[str, torch.Tensor]:
+def full_model_state_dict(ckpt_dir: str | os.PathLike, m: ModelConfig) -> Dict[str, torch.Tensor]:
     """The model weights of the checkpoint folder `ckpt_dir` (one iter_N folder), of the model `m`, as full CPU
     tensors under the TP = 1 local model's keys."""
     from ..models.registry import get_family
     from ..models.specs import layer_spec
-    from ..training.checkpointing import read_checkpoint_tensors
 
     spec = layer_spec(get_family(m.arch).normalization, use_transformer_engine=False)
     keys_map = spec.submodules.sharded_state_dict_keys_map
