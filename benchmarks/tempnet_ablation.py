@@ -391,6 +391,7 @@ def train_arm(spec: dict) -> dict:
     applied to the arm's Config), keep_params (return the final weights), log (print progress). Returns the result row (with per-step "losses" and the held-out "curve")."""
     import torch
 
+    from megatron_tempnet.finalize import resolve
     from megatron_tempnet.training.loop import data_iterators, setup_run
     from megatron_tempnet.training.step import train_step
 
@@ -402,6 +403,7 @@ def train_arm(spec: dict) -> dict:
     if spec.get("cache_dir"):
         cfg.data.data_cache_path = spec["cache_dir"]
     t0 = time.perf_counter()
+    cfg = resolve(cfg).cfg  # the vocabulary from the tokenizer, the optimizer choice
     model, optimizer, scheduler = setup_run(cfg)
     vocab = cfg.model.vocab_size
     windows = heldout_windows(data, cfg.model.seq_length, vocab)

@@ -160,10 +160,12 @@ def _flags(s: dict, data: dict, seed: int, iters: int, extra: List[str]) -> List
 def _train(cfg, lm_state: Optional[dict]) -> tuple:
     """Train cfg.train.train_iters steps (from lm_state's LM weights when given). Returns (model chunk, seconds)."""
     from benchmarks._shared import train_dataset
-    from megatron_tempnet.training.loop import data_iterators, setup_run
+    from megatron_tempnet.finalize import resolve
     from megatron_tempnet.models.build import unwrap
+    from megatron_tempnet.training.loop import data_iterators, setup_run
     from megatron_tempnet.training.step import train_step
 
+    cfg = resolve(cfg).cfg  # the vocabulary from the tokenizer, the optimizer choice
     model, optimizer, scheduler = setup_run(cfg)
     if lm_state is not None:
         missing, unexpected = unwrap(model[0]).load_state_dict(lm_state, strict=False)
