@@ -31,19 +31,19 @@ def single_rank_worker(spec_path: str, out_path: str, run: Callable[[dict], dict
     group on a free port, call run(spec) and write its JSON row atomically (out_path appears only when done)."""
     import torch
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
     warnings.filterwarnings("ignore")
     with open(spec_path) as f:
         spec = json.load(f)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    port = platform.free_port()
+    port = runtime.free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         row = run(spec)
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
     with open(out_path + ".tmp", "w") as f:
         json.dump(row, f)
     os.replace(out_path + ".tmp", out_path)

@@ -160,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.adaptive import tasks
     from megatron_tempnet.adaptive.head import AdaptiveDecoderHead
     from megatron_tempnet.training.in_process import train_mixture_lm
@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pic_prompts = [tasks.make_prompts(8, args.seed * 7919 - 2)[i] for i in (0, 1, 2, 3, 4, 6, 7)]
         picture(lm, heads[args.modes[0]], pic_prompts, args.output_prefix + "_shaded", args.seed)
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
 
     fixed = {k: v for k, v in results.items() if k.startswith("fixed")}
     best_fixed_name = max(fixed, key=lambda k: fixed[k]["reward"][0])

@@ -34,7 +34,7 @@ Reference values and the defaults derived from them (fixed a priori, documented 
   GPT-2 125M from scratch (github zhqiu/TempNet, owt2_setup_tempnet.yml, configs/125M.yml): rho = 8.0 with
   V = 50304 (log V - rho = 2.83 nats), TempNet lr 2e-6 for 50k steps, tau in [0.5, 5.0], TempNet hidden 256,
   dropout 0.5; LM lr 6e-4 -> 6e-5, cosine, 1% warmup. LLaMA (LLaMA-2/pretrain_llama_distributed.sh): rho = 8.5 with
-  V = 32000 (log V - rho = 1.87 nats), tau in [0.01, 2.0] (DESIGN.md), max-shifted TempNet input.
+  V = 32000 (log V - rho = 1.87 nats), tau in [0.01, 2.0] (docs/design.md), max-shifted TempNet input.
   * rho: at its optimum dL/dtau = rho - KL(softmax(z/tau) || uniform) = 0, i.e. TempNet aims the entropy of the
     tempered prediction at log V - rho. The default keeps the reference's target entropy at our vocabulary:
     rho = log V - 2.83 (GPT) or log V - 1.87 (LLaMA). --rho sets it directly.
@@ -338,12 +338,12 @@ def heldout_metrics(model_chunk, windows, vocab_size: int, micro_batch_size: int
     import torch
     from megatron.core import parallel_state
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.models.build import causal_mask
 
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("the ablation's evaluation runs at TP = PP = 1 (full-vocabulary logits on one rank)")
-    dev = platform.device()
+    dev = runtime.device()
     s = windows.size(1) - 1
     mask = causal_mask(s, dev)
     sums = dict(tokens=0.0, ce1=0.0, ce_tau=0.0, correct=0.0, tau=0.0, tau_sq=0.0, logit_std=0.0)
@@ -355,7 +355,7 @@ def heldout_metrics(model_chunk, windows, vocab_size: int, micro_batch_size: int
                 w = windows[i:i + micro_batch_size].to(dev)
                 tokens, labels = w[:, :-1], w[:, 1:]
                 pos = torch.arange(s, device=dev).unsqueeze(0).expand_as(tokens)
-                with platform.native_torch():
+                with runtime.native_torch():
                     logits, tau = model_chunk(tokens, pos, mask)
                 z = logits[..., :vocab_size].float()  # drop padded vocabulary entries
                 tau = torch.ones(labels.shape, device=dev) if tau is None else tau.float()

@@ -19,7 +19,7 @@ TempNet is trained (its initialisation: on the untrained LM for joint, on the tr
 control. These definitions were fixed before any run.
 
 What to expect from the loss itself: per token, dL/dtau = rho - KL(softmax(z/tau) || uniform) = H_tau - (log V - rho)
-(DESIGN.md), whatever the target token. At TempNet's optimum the tempered entropy H_tau is pulled to log V - rho,
+(docs/design.md), whatever the target token. At TempNet's optimum the tempered entropy H_tau is pulled to log V - rho,
 so tau is raised where softmax(z) is sharp (low H) and lowered where it is flat (high H): the DRO objective
 itself favours a NEGATIVE rank correlation between tau and H for fixed logits. The benchmark measures what a
 trained TempNet does. With the reference's target (2.83 nats) a tiny LM, whose entropies are far higher, drives
@@ -189,7 +189,7 @@ def measure(model_chunk, heldout, seq_length: int, vocab_size: int, batch: int =
     import torch
     import torch.nn.functional as F
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.models.build import causal_mask
     from megatron_tempnet.models.build import unwrap
 
@@ -198,7 +198,7 @@ def measure(model_chunk, heldout, seq_length: int, vocab_size: int, batch: int =
     model.eval()
     ds = Windows(heldout, seq_length)
     out = {"tau": [], "H": [], "H_tau": [], "ce": [], "ce_tau": []}
-    mask = causal_mask(seq_length, platform.device())
+    mask = causal_mask(seq_length, runtime.device())
     try:
         with torch.no_grad():
             for i in range(0, len(ds), batch):
@@ -206,7 +206,7 @@ def measure(model_chunk, heldout, seq_length: int, vocab_size: int, batch: int =
                 tokens = torch.stack([it["tokens"] for it in items])
                 labels = torch.stack([it["labels"] for it in items])
                 pos = torch.arange(seq_length).unsqueeze(0).expand_as(tokens)
-                with platform.native_torch():
+                with runtime.native_torch():
                     logits, tau = model(tokens, pos, mask)
                 z = logits[..., :vocab_size].double()
                 if tau is None:  # an LM without TempNet: tau = 1
@@ -433,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -452,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             stats[arm] = {"trained": summarize(trained), "init": summarize(init)}
             log(verdict(stats[arm], arm))
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
     try:
         import scipy  # noqa: F401
 

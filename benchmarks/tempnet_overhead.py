@@ -72,8 +72,8 @@ def main(argv=None) -> None:
     args, args.training_flags = p.parse_known_args(argv)  # the rest are training flags for every row
     args.precision = None
 
-    from megatron_tempnet import platform
-    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+    from megatron_tempnet import runtime
+    from megatron_tempnet.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
     rows = build_rows(args)
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         "tempnet_forward": round(cost["forward_only"] - cost["constant_tau"], 4),
         "tempnet_backward": round(cost["tempnet"] - cost["forward_only"], 4),
         "total": round(cost["tempnet"], 4)}}))
-    platform.destroy_distributed()
+    runtime.destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def build_our_stacks(args, rows: list) -> list:
 
 def our_rows(rows: list, stacks: list, seconds: list) -> list:
     """One result row per stack, from its median step time."""
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.training.tracker import peak_flops
 
     results = []
@@ -99,7 +99,7 @@ def our_rows(rows: list, stacks: list, seconds: list) -> list:
         row = {
             "stack": "megatron-tempnet", "tempnet": tempnet, "loss_impl": model[0].module.loss_impl,
             "precision": "fp8-hybrid" if fp8 else str(model[0].module.config.params_dtype).replace("torch.", ""),
-            "device": torch.cuda.get_device_name() if platform.use_cuda() else "cpu",
+            "device": torch.cuda.get_device_name() if runtime.use_cuda() else "cpu",
             "step_s": round(sec, 5), "tokens_per_s": round(tokens / sec, 1),
             "tflops_per_device": round(tokens / sec * flops_per_token / 1e12, 4),
         }
@@ -153,13 +153,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     args, args.training_flags = p.parse_known_args(argv)  # the rest are training flags, e.g. --micro-batch-size 8
 
-    from megatron_tempnet import platform
-    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+    from megatron_tempnet import runtime
+    from megatron_tempnet.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
     specs = [(tempnet, impl, fp8) for fp8 in ([False, True] if args.fp8 else [False])
              for tempnet, impl in ((False, "reference"), (False, "fused"), (True, "reference"), (True, "fused"))]
-    if platform.use_cuda():  # one stack at a time: a GPU holds one large model's training state, not four
+    if runtime.use_cuda():  # one stack at a time: a GPU holds one large model's training state, not four
         rows = []
         for spec in specs:
             stacks = build_our_stacks(args, [spec])
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
         if r["tempnet"] and not r["precision"].startswith("fp8"):
             print(json.dumps({"tempnet_overhead": r["loss_impl"],
                               "step_time_over_baseline": round(r["step_s"] / base[r["loss_impl"]] - 1, 4)}))
-    if not platform.use_cuda():
+    if not runtime.use_cuda():
         hf = {"stack": "transformers-loop", "tempnet": False, "loss_impl": "hf", "precision": "float32",
               "device": "cpu", "step_s": round(hf_seconds, 5), "tokens_per_s": round(hf_tokens / hf_seconds, 1)}
         print(json.dumps(hf))
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
         bf16 = next(r for r in rows if not r["tempnet"] and r["loss_impl"] == "fused" and "fp8" not in r["precision"])
         fp8 = next(r for r in rows if not r["tempnet"] and r["loss_impl"] == "fused" and "fp8" in r["precision"])
         print(json.dumps({"fp8_over_bf16_tokens_per_s": round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3)}))
-    platform.destroy_distributed()
+    runtime.destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class DataConfig:
     data_path: list = field(default_factory=list)  # Megatron syntax: [w1, prefix1, w2, prefix2, ...] or [prefix, ...]
     split: str = "949,50,1"
     data_cache_path: Optional[str] = None
+    data_cache_node_local: bool = False  # data_cache_path is node-local disk: each node builds its own caches
     tokenizer_model: Optional[str] = None  # sentencepiece .model (or a Hugging Face tokenizer folder)
 
 
@@ -102,7 +103,7 @@ class TrainConfig:
 
 @dataclass
 class TempNetConfig:
-    """TempNet head (DESIGN.md): tau = tau_min + (tau_max - tau_min) * sigmoid(...), per token."""
+    """TempNet head (docs/design.md): tau = tau_min + (tau_max - tau_min) * sigmoid(...), per token."""
 
     enabled: bool = False
     kind: str = "network"  # "network": TempNet; "global": one learned temperature for all tokens (ablation)
@@ -324,7 +325,7 @@ def dro_rho(loss: LossConfig, vocab_size: int) -> float:
 
 
 def _validate_dro_target(cfg: Config) -> None:
-    """TempNet trained with the DRO loss needs a target entropy it can reach (DESIGN.md, "Per-token optimum")."""
+    """TempNet trained with the DRO loss needs a target entropy it can reach (docs/design.md, "Per-token optimum")."""
     loss, tn = cfg.loss, cfg.tempnet
     if loss.dro_rho is not None and loss.dro_target_entropy is not None:
         raise ConfigError("pass --dro-rho or --dro-target-entropy, not both (the target entropy is log V - rho)")
@@ -361,6 +362,19 @@ def _check_field_values(cfg: Config) -> None:
             problem = out_of_range(value, RANGES.get(key))
             if problem:
                 raise ConfigError(f"{flag} must be {problem}; got {value!r} (see --help for what it means)")
+
+
+def _validate_data(d: DataConfig, vocab_size: Optional[int]) -> None:
+    """Training data, its tokenizer and its index caches."""
+    if d.mock_data and vocab_size is None:
+        raise ConfigError("--mock-data needs --vocab-size (there is no tokenizer to take it from)")
+    if not d.mock_data and not d.data_path:
+        raise ConfigError("no training data: pass --data-path PREFIX [...] (see tools/preprocess_data.py) or --mock-data")
+    if d.data_cache_node_local and not d.data_cache_path:
+        raise ConfigError("--data-cache-node-local needs --data-cache-path: a folder on each node's own disk "
+                          "(e.g. $SLURM_TMPDIR/idx-cache)")
+    if d.data_path and not d.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
 
 
 def validate_config(cfg: Config, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
@@ -447,12 +461,7 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool, te_av
         raise ConfigError(
             f"--mode {t.mode} starts from a trained LM; pass --pretrained-checkpoint DIR (or --load DIR to resume)"
         )
-    if cfg.data.mock_data and m.vocab_size is None:
-        raise ConfigError("--mock-data needs --vocab-size (there is no tokenizer to take it from)")
-    if not cfg.data.mock_data and not cfg.data.data_path:
-        raise ConfigError("no training data: pass --data-path PREFIX [...] (see tools/preprocess_data.py) or --mock-data")
-    if cfg.data.data_path and not cfg.data.tokenizer_model:
-        raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
+    _validate_data(cfg.data, m.vocab_size)
 
     at = cfg.attention_transfer
     if at.mode != "none":

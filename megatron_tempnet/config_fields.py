@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional
 
-from .fp8_support import RECIPES
 
 HELP = {
     "model.arch": "model family, one folder of megatron_tempnet/models/ each (listed in models/registry.py)",
@@ -54,6 +53,8 @@ HELP = {
                       "...; a preprocess_data manifest stands for its shards",
     "data.split": "train,valid,test weights over each dataset's documents",
     "data.data_cache_path": "folder for megatron-core's index caches; unset: beside the data",
+    "data.data_cache_node_local": "the --data-cache-path is on each node's own disk (no shared file system): local "
+                                  "rank 0 of every node builds its node's caches (data/datasets.py)",
     "data.tokenizer_model": "the tokenizer the data was made with: a sentencepiece .model or a Hugging Face "
                             "tokenizer folder",
     "train.mode": "scratch: train everything; finetune: start from --pretrained-checkpoint; frozen_lm: train "
@@ -132,7 +133,7 @@ CHOICES = {
     "loss.objective": ("dro", "tau_ce"),
     "loss.loss_impl": ("auto", "reference", "fused"),
     "fp8.fp8_format": ("e4m3", "hybrid"),
-    "fp8.fp8_recipe": RECIPES,
+    "fp8.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),  # megatron-core's names (fp8_support.py)
     "fp8.fp8_amax_compute_algo": ("max", "most_recent"),
     "attention_transfer.mode": ("none", "copy", "distill"),
 }

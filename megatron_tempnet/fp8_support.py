@@ -16,7 +16,9 @@ import importlib.util
 import os
 from typing import Callable, Dict, Optional, Tuple
 
-RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+from .config_fields import CHOICES
+
+RECIPES = CHOICES["fp8.fp8_recipe"]  # the --fp8-recipe choices
 #: megatron-core 0.16.1 declares Transformer Engine >= 2.9, < 2.12.
 TE_VERSIONS = ((2, 9), (2, 12))
 #: Transformer Engine's public check for each recipe (transformer_engine.pytorch, TE >= 2.x).

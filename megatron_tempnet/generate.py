@@ -153,13 +153,13 @@ def tau_summary(taus: List[float]) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .data.cli import quiet_megatron_import_warnings
+    from .cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
     import warnings
 
     warnings.filterwarnings("ignore")
-    from . import platform
+    from . import runtime
     from .config import ConfigError
     from .data.tokenizer import TokenizerError
     from .inference.generation import GenerationError
@@ -171,7 +171,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
     return 0
 
 

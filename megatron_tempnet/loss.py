@@ -1,4 +1,4 @@
-"""The DRO loss on vocabulary-parallel logits (DESIGN.md, "The DRO loss").
+"""The DRO loss on vocabulary-parallel logits (docs/design.md, "The DRO loss").
 
 Per token with logits z over the true vocabulary V, target y, temperature tau and radius rho:
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Optional
 
-from . import platform
+from . import runtime
 from .config import ConfigError, load_config
 
 _QUIET_RANK_GRACE_S = 3.0
@@ -20,7 +20,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .training.signals import keep_early_stop_signals
 
     keep_early_stop_signals()  # before the slow imports and setup: a stop signal then must not kill the rank
-    from .data.cli import quiet_megatron_import_warnings
+    from .cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()  # "Apex / Transformer Engine not installed" is expected on a CPU
     from .finalize import build_parser, finalize
@@ -28,12 +28,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .training.preflight import check_save_folder
     from .training.signals import REQUEUE_EXIT_CODE, StopConditions, clear_requeue_marker, leave_requeue_marker
 
-    env = platform.discover_env()
+    env = runtime.discover_env()
     user_errors = _user_error_types()
     try:
         cfg, args = load_config(argv, parser=build_parser())
-        run = finalize(cfg, env.world_size, cuda_available=platform.use_cuda(),
-                       te_available=platform.transformer_engine_available())
+        run = finalize(cfg, env.world_size, cuda_available=runtime.use_cuda(),
+                       te_available=runtime.transformer_engine_available())
         cfg = run.cfg
         if not args.dry_run:
             check_save_folder(cfg, copies=1)  # before any step: a run that cannot save must not train
@@ -73,8 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr, flush=True)
         os._exit(1)  # skip teardown: destroying process groups with a dead peer can hang
     finally:
-        if platform.dist_initialized():
-            platform.destroy_distributed()
+        if runtime.dist_initialized():
+            runtime.destroy_distributed()
     code = StopConditions.exit_code(state.stop_reason)
     if state.stop_reason and env.rank == 0:
         print(f"stopped early ({state.stop_reason}) at iteration {state.iteration}; exit status {code}", flush=True)

@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def single_rank():
     """A 1-rank gloo process group with megatron-core's model-parallel state (TP = PP = 1)."""
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    platform.init_distributed()
+    runtime.init_distributed()
     yield
-    platform.destroy_distributed()
+    runtime.destroy_distributed()

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from megatron_tempnet.platform import free_port
+from megatron_tempnet.runtime import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
@@ -25,9 +25,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
         raise
     finally:
-        from megatron_tempnet import platform
+        from megatron_tempnet import runtime
 
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
 
 
 def spawn(fn: Callable, world_size: int, *args: Any) -> list:

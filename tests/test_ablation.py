@@ -118,7 +118,7 @@ def test_dro_without_temperature_equals_baseline_bit_for_bit():
 def _eval_against_loss_path(s):
     """heldout_metrics (logits without labels, padded vocabulary sliced off) against the model's own labelled
     forward (LMOutput: CE at tau = 1 and CE(z / tau), padded vocabulary masked inside the loss)."""
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.models.build import causal_mask
     from megatron_tempnet.training.loop import setup_run
 
@@ -133,7 +133,7 @@ def _eval_against_loss_path(s):
     s_len = windows.size(1) - 1
     chunk.eval()
     ce1, ce_tau, taus = [], [], []
-    with torch.no_grad(), platform.native_torch():
+    with torch.no_grad(), runtime.native_torch():
         for i in range(0, windows.size(0), 8):
             w = windows[i:i + 8]
             pos = torch.arange(s_len).unsqueeze(0).expand(w.size(0), s_len)

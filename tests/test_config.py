@@ -113,3 +113,19 @@ def test_a_reachable_target_is_accepted_and_sets_rho():
     base = _validate([], 1)  # no TempNet: rho = log V, plain cross-entropy
     assert dro_rho(base.loss, 1000) == pytest.approx(math.log(1000))
     _validate(["--tempnet-enabled", "--objective", "tau_ce"], 1)  # no DRO term
+
+
+def test_node_local_caches_need_a_cache_folder_and_reach_the_dataset_builder(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="--data-cache-node-local needs --data-cache-path"):
+        _validate(["--data-cache-node-local"], 1)
+    cfg = _validate(["--data-cache-node-local", "--data-cache-path", str(tmp_path)], 1)
+    from megatron_tempnet.data import datasets
+    from megatron_tempnet.training import loop
+
+    seen = {}
+    monkeypatch.setattr(datasets, "require_train_and_valid", lambda split: None)
+    monkeypatch.setattr(datasets, "build_gpt_datasets",
+                        lambda *args, **kwargs: seen.update(kwargs, cache=args[6]) or (None, None, None))
+    cfg.data.mock_data, cfg.data.data_path = False, ["prefix"]
+    loop.build_datasets(cfg, tokenizer=object())
+    assert seen["node_local_cache"] is True and seen["cache"] == str(tmp_path)

@@ -22,7 +22,7 @@ def tool(name, *args):
     import importlib.util
     import io
 
-    from megatron_tempnet.data.cli import run
+    from megatron_tempnet.cli import run
 
     spec = importlib.util.spec_from_file_location(f"tool_{name[:-3]}", os.path.join(REPO, "tools", name))
     mod = importlib.util.module_from_spec(spec)

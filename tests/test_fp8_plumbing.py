@@ -21,7 +21,7 @@ def _cfg(*argv):
     ("auto", False, False), ("auto", True, True), ("local", True, False), ("transformer_engine", True, True),
 ])
 def test_spec_choice(monkeypatch, impl, te_present, expected):
-    monkeypatch.setattr(model_setup.platform, "transformer_engine_available", lambda: te_present)
+    monkeypatch.setattr(model_setup.runtime, "transformer_engine_available", lambda: te_present)
     assert model_setup.use_transformer_engine(_cfg("--transformer-impl", impl)) is expected
 
 
@@ -32,7 +32,7 @@ def test_te_spec_is_built_from_megatron_core_te_spec(monkeypatch):
     local = gpt_layer_specs.get_gpt_layer_local_spec()
     monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
                         lambda **kw: calls.append(kw) or local)
-    spec = specs.layer_spec("llama", use_transformer_engine=True)
+    spec = specs.layer_spec("RMSNorm", use_transformer_engine=True)
     assert calls == [{}] and spec.module is specs.SeededTransformerLayer
 
 

@@ -1,4 +1,4 @@
-"""The reference DRO loss against the formula written out on one device (DESIGN.md, "The DRO loss")."""
+"""The reference DRO loss against the formula written out on one device (docs/design.md, "The DRO loss")."""
 import math
 
 import pytest
@@ -90,10 +90,10 @@ def test_padded_vocabulary_entries_change_nothing(single_rank):
 def _tp2_loss(z, y, tau, rho):
     from megatron.core import parallel_state as ps
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.loss import dro_loss
 
-    platform.init_distributed(tensor_model_parallel_size=2)
+    runtime.init_distributed(tensor_model_parallel_size=2)
     r = ps.get_tensor_model_parallel_rank()
     shard = z[..., r * PADDED // 2:(r + 1) * PADDED // 2].clone().requires_grad_()
     tau = tau.clone().requires_grad_()

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import free_port
 from launch import finish, slurm_tasks
-from megatron_tempnet.platform import discover_env
+from megatron_tempnet.runtime import discover_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""TempNet against the formula in DESIGN.md, its bounds, its TP sharding, and the frozen-LM setting."""
+"""TempNet against the formula in docs/design.md, its bounds, its TP sharding, and the frozen-LM setting."""
 import math
 
 import pytest
@@ -25,7 +25,7 @@ def make_tempnet(variant="normalized", tau_min=0.5, tau_max=5.0, seed=3, scale_i
 
 
 def formula(net, z):
-    """DESIGN.md, written out: x = z/||z|| (z over the true vocabulary; max-shifted first if asked);
+    """docs/design.md, written out: x = z/||z|| (z over the true vocabulary; max-shifted first if asked);
     h = W2 sigmoid(W1 x + b1) + b2; w = softmax(h / e^s); tau = lo + (hi-lo) sigmoid(a.((w - 1/d) h) + c)."""
     z = z[..., :V].double()
     if net.input_variant == "max_shifted":
@@ -148,9 +148,9 @@ def test_frozen_lm_mode_trains_tempnet_only():
 def _tp2_tempnet(z, variant, scale_input):
     from megatron.core import parallel_state as ps
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
-    platform.init_distributed(tensor_model_parallel_size=2)
+    runtime.init_distributed(tensor_model_parallel_size=2)
     net = make_tempnet(variant, scale_input=scale_input)
     r = ps.get_tensor_model_parallel_rank()
     tau = net(z[..., r * PADDED // 2:(r + 1) * PADDED // 2])

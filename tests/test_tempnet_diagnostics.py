@@ -85,9 +85,9 @@ def test_summarize_percentiles_and_bound_fractions():
 def _tp2(z, tau, target):
     from megatron.core import parallel_state as ps
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
-    platform.init_distributed(tensor_model_parallel_size=2)
+    runtime.init_distributed(tensor_model_parallel_size=2)
     r, shard = ps.get_tensor_model_parallel_rank(), z.size(-1) // 2
     group = ps.get_tensor_model_parallel_group()
     part = z[:, r * shard:(r + 1) * shard]

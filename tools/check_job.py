@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def main(argv=None) -> int:
     from megatron_tempnet.config import ConfigError, load_config
     from megatron_tempnet.finalize import build_parser
-    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+    from megatron_tempnet.cli import quiet_megatron_import_warnings
     from megatron_tempnet.training.preflight import format_results, run_checks
 
     quiet_megatron_import_warnings()

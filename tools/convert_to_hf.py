@@ -53,13 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # first: --help and flag errors need no torch
-    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+    from megatron_tempnet.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.config import ConfigError
     from megatron_tempnet.data.tokenizer import TokenizerError
     from megatron_tempnet.hf.convert import ConversionError
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
     return 0
 
 

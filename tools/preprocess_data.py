@@ -118,6 +118,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_tempnet.data.cli import run
+    from megatron_tempnet.cli import run
 
     sys.exit(run(main))

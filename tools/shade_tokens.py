@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_tempnet.adaptive.lm import AdaptiveError
     from megatron_tempnet.adaptive.shade import render_html, render_png
     from megatron_tempnet.config import ConfigError
-    from megatron_tempnet.data.cli import quiet_megatron_import_warnings
+    from megatron_tempnet.cli import quiet_megatron_import_warnings
     from megatron_tempnet.data.tokenizer import TokenizerError
     from megatron_tempnet.inference.generation import GenerationError
 
@@ -191,9 +191,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     finally:
         if args.load or args.hf:
-            from megatron_tempnet import platform
+            from megatron_tempnet import runtime
 
-            platform.destroy_distributed()
+            runtime.destroy_distributed()
     return 0
 
 

@@ -15,13 +15,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _run(argv, queue):
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
     from megatron_tempnet.config import load_config
     from megatron_tempnet.training.loop import train
 
     cfg, _ = load_config(argv)
     queue.put([h["loss"] for h in train(cfg).history if "loss" in h])  # one per step
-    platform.destroy_distributed()
+    runtime.destroy_distributed()
 
 
 def main() -> None:

@@ -80,13 +80,13 @@ class LanguageModel:
     def forward(self, tokens: torch.Tensor):
         """tokens [b, s] (s <= max_length) -> logits [b, s, V] (true vocabulary, fp32), tau [b, s] or None,
         hidden [b, s, H] (the final layernorm's output, the output layer's input)."""
-        from .. import platform
+        from .. import runtime
         from ..inference.model import forward
 
         if tokens.size(1) > self.max_length:
             raise AdaptiveError(f"a sequence of {tokens.size(1)} tokens exceeds the model's context of "
                                 f"{self.max_length} positions; shorten the prompt or lower --max-new-tokens")
-        with platform.native_torch():
+        with runtime.native_torch():
             logits, tau = forward(self.model, tokens)
         return logits, tau, self.take_hidden()
 

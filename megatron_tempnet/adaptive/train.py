@@ -171,13 +171,13 @@ def run(cfg: AdaptiveConfig, log: Callable[[str], None] = print,
 def main(argv: Optional[list] = None, doc: Optional[str] = None,
          train_mixture_lm: Optional[MixtureLMTrainer] = None) -> int:
     """The command line of tools/train_adaptive_decoder.py (run's train_mixture_lm passed on); the exit code."""
-    from ..data.cli import quiet_megatron_import_warnings
+    from ..cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    from .. import platform
+    from .. import runtime
 
     try:
         cfg = load_adaptive_config(argv, doc)
@@ -186,5 +186,5 @@ def main(argv: Optional[list] = None, doc: Optional[str] = None,
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        platform.destroy_distributed()
+        runtime.destroy_distributed()
     return 0

@@ -59,20 +59,20 @@ def ensure_single_process_group(seed: int = 1234) -> None:
     """A 1-rank gloo (or NCCL) group with TP = PP = 1, unless this process already has one of size 1."""
     import torch.distributed as dist
 
-    from .. import platform
+    from .. import runtime
     from ..checkpoint import CheckpointError
 
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise CheckpointError("inference on our checkpoints runs in one process; start it without torchrun")
     if not dist.is_initialized():
-        from ..data.cli import quiet_megatron_import_warnings
+        from ..cli import quiet_megatron_import_warnings
 
         quiet_megatron_import_warnings()
-        # a lone process: platform picks it a free port; a MASTER_PORT left in the environment (by the shell of a
+        # a lone process: runtime picks it a free port; a MASTER_PORT left in the environment (by the shell of a
         # training job, or a parent process's own group) may well be in use
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
-    platform.init_distributed(1, 1, seed=seed)
+    runtime.init_distributed(1, 1, seed=seed)
 
 
 def build_model(cfg: Config):

@@ -9,7 +9,7 @@ from typing import List
 import torch
 from megatron.core import parallel_state
 
-from .. import platform
+from .. import runtime
 from ..config import Config
 from .language_model import TempNetGPTModel, transformer_config
 
@@ -18,25 +18,25 @@ def params_dtype(cfg: Config) -> torch.dtype:
     """The LM's parameter dtype: --precision, "auto" being bf16 on a GPU and fp32 on a CPU."""
     precision = cfg.train.precision
     if precision == "auto":
-        precision = "bf16" if platform.use_cuda() else "fp32"
+        precision = "bf16" if runtime.use_cuda() else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def use_transformer_engine(cfg: Config) -> bool:
     """Whether the layers are Transformer Engine's (--transformer-impl, "auto" = when TE is usable here)."""
     impl = cfg.model.transformer_impl
-    return impl == "transformer_engine" or (impl == "auto" and platform.transformer_engine_available())
+    return impl == "transformer_engine" or (impl == "auto" and runtime.transformer_engine_available())
 
 
 def build_model_chunks(cfg: Config) -> List[TempNetGPTModel]:
     """One chunk per virtual pipeline stage of this rank (one chunk without interleaving), on this rank's
-    device, in params_dtype (TempNet in fp32). Needs megatron-core's parallel state (platform.init_distributed).
+    device, in params_dtype (TempNet in fp32). Needs megatron-core's parallel state (runtime.init_distributed).
 
     In "frozen_lm" mode only TempNet's parameters require gradients.
     """
     te = use_transformer_engine(cfg)
     dtype = params_dtype(cfg)
-    tcfg = transformer_config(cfg, use_cpu_initialization=not platform.use_cuda(), params_dtype=dtype,
+    tcfg = transformer_config(cfg, use_cpu_initialization=not runtime.use_cuda(), params_dtype=dtype,
                               use_transformer_engine=te)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
@@ -48,7 +48,7 @@ def build_model_chunks(cfg: Config) -> List[TempNetGPTModel]:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage, use_transformer_engine=te,
         )
-        model.to(platform.device())
+        model.to(runtime.device())
         _lm_parameters_to(model, dtype)
         if cfg.train.mode == "frozen_lm":
             for name, p in model.named_parameters():

@@ -22,7 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from tempnet_kernels.dro_cce import vocab_parallel_logit_max
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .. import platform
+from .. import runtime
 from ..config import Config, dro_rho
 from ..loss import default_rho, dro_loss, linear_dro_loss, resolve_loss_impl
 from . import linear
@@ -79,7 +79,7 @@ class TempNetGPTModel(GPTModel):
         self.true_vocab_size = m.vocab_size
         self.rho = dro_rho(cfg.loss, m.vocab_size)
         self.loss_impl = resolve_loss_impl(cfg.loss.loss_impl, dims.padded_vocab_size,
-                                           cfg.parallel.tensor_model_parallel_size, platform.use_cuda())
+                                           cfg.parallel.tensor_model_parallel_size, runtime.use_cuda())
         self.objective = cfg.loss.objective
         self.tempnet = None
         if post_process and cfg.tempnet.enabled:
@@ -207,15 +207,15 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool, params_dtyp
         fp16=params_dtype == torch.float16,
         calculate_per_token_loss=True,  # the loss is the mean over all tokens of the global batch
         # megatron-core's jit-fused bias + activation / bias + dropout kernels on GPUs; plain ops on a CPU.
-        bias_activation_fusion=platform.use_cuda(),
-        bias_dropout_fusion=platform.use_cuda(),
+        bias_activation_fusion=runtime.use_cuda(),
+        bias_dropout_fusion=runtime.use_cuda(),
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=True,
         cuda_graph_scope=[],  # the whole layer; megatron-core 0.16's default "full" means the same but warns
-        **platform.pipeline_p2p_config(),
+        **runtime.pipeline_p2p_config(),
     )
     if use_transformer_engine and fp8.fp8_format is not None:
         kwargs.update(fp8=fp8.fp8_format, fp8_recipe=fp8.fp8_recipe,

@@ -1,6 +1,6 @@
 """Does TempNet learn a per-token temperature? The statistics that tell, from vocabulary-parallel logits.
 
-The DRO loss's gradient in tau (DESIGN.md) is dL/dtau = H(softmax(z / tau)) - (log V - rho): the entropy of the
+The DRO loss's gradient in tau (docs/design.md) is dL/dtau = H(softmax(z / tau)) - (log V - rho): the entropy of the
 tempered prediction minus the target entropy log V - rho. The entropy grows with tau, so each token has one
 best temperature, its per-token optimum
 

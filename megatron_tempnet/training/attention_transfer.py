@@ -41,7 +41,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from .. import platform
+from .. import runtime
 from ..config import Config, ConfigError, ModelConfig
 from ..models.explicit_attention import ExplicitAttention, TransferContext
 from ..models.build import params_dtype, unwrap, use_transformer_engine
@@ -191,19 +191,19 @@ def build_teacher(cfg: Config) -> List[torch.nn.Module]:
 
     tcfg = teacher_config(cfg)
     te = use_transformer_engine(tcfg)
-    tconf = transformer_config(tcfg, use_cpu_initialization=not platform.use_cuda(), params_dtype=params_dtype(tcfg),
+    tconf = transformer_config(tcfg, use_cpu_initialization=not runtime.use_cuda(), params_dtype=params_dtype(tcfg),
                                use_transformer_engine=te)
     tconf.perform_initialization = False  # every weight comes from the checkpoint
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
     # The teacher's construction reseeds the CPU generator (layout-independent init): keep the student's streams.
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if platform.use_cuda() else []):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if runtime.use_cuda() else []):
         for vp_stage in range(vpp or 1):
             stage = vp_stage if vpp else None
             chunk = _teacher_model_class()(
                 tcfg, tconf, pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=False, vp_stage=stage, use_transformer_engine=te)
-            chunks.append(chunk.to(platform.device()))
+            chunks.append(chunk.to(runtime.device()))
     load_teacher_weights(teacher_checkpoint(cfg), chunks)
     for chunk in chunks:
         chunk.requires_grad_(False)
@@ -258,7 +258,7 @@ class AttentionTransfer(StepExtension):
         [b, heads of this rank, s, s] each, in the teacher's dtype."""
         tctx = self.teacher_contexts[i]
         tctx.recorded = {}
-        with torch.no_grad(), platform.native_torch():
+        with torch.no_grad(), runtime.native_torch():
             self.teacher[i](batch.input_ids, batch.position_ids, batch.attention_mask)
         recorded, tctx.recorded = tctx.recorded, {}
         return recorded
@@ -278,7 +278,7 @@ class AttentionTransfer(StepExtension):
             batch = next(data_iterator)
             tctx = self.teacher_contexts[i]
             tctx.recorded = {}
-            with platform.native_torch():
+            with runtime.native_torch():
                 out = chunk(batch.input_ids, batch.position_ids, batch.attention_mask)
             self.queues[i].append(tctx.recorded)
             tctx.recorded = {}
@@ -316,7 +316,7 @@ class AttentionTransfer(StepExtension):
     def metrics(self, tokens: float) -> dict:
         """{"attn_kl": mean KL(teacher || student) per layer, head and loss-masked token} in distill mode, summed
         since the last call over all ranks (a collective: every rank calls it); {} in copy mode."""
-        total = torch.zeros((), dtype=torch.float64, device=platform.device())
+        total = torch.zeros((), dtype=torch.float64, device=runtime.device())
         for ctx in self.student_contexts:
             if ctx.kl_sum is not None:
                 total = total + ctx.kl_sum.to(total.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from .. import platform
+from .. import runtime
 from ..adaptive.lm import LanguageModel, ensure_process_group, mixture_lm_config
 from ..adaptive.tasks import MixtureCorpus, MixtureTokenizer
 from ..config import Config
@@ -25,7 +25,7 @@ def train_lm(cfg: Config, dataset, log: Optional[Callable[[str], None]] = None,
     """Train an LM with the project's trainer on a map-style dataset of {"tokens", "labels", "loss_mask"}
     items, in this process (1 rank). before_training(model chunks, optimizer) runs once they are built.
     Returns (model chunks, per-step metrics)."""
-    validate(cfg, 1, cuda_available=platform.use_cuda(), te_available=platform.transformer_engine_available())
+    validate(cfg, 1, cuda_available=runtime.use_cuda(), te_available=runtime.transformer_engine_available())
     ensure_process_group(cfg.train.seed)
     model, optimizer, scheduler = setup_run(cfg)
     if before_training is not None:

@@ -8,7 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
-from .. import platform
+from .. import runtime
 from ..config import Config
 from ..finalize import resolve, with_optimizer_choice
 from . import extensions
@@ -52,7 +52,8 @@ def build_datasets(cfg: Config, tokenizer=None):
     require_train_and_valid(cfg.data.split)
     train, valid, _ = build_gpt_datasets(
         cfg.data.data_path, cfg.data.split, m.seq_length, t.seed, tokenizer or load_tokenizer(cfg.data.tokenizer_model),
-        (n_train, n_valid, 0), cfg.data.data_cache_path, create_attention_mask=False)
+        (n_train, n_valid, 0), cfg.data.data_cache_path, node_local_cache=cfg.data.data_cache_node_local,
+        create_attention_mask=False)
     return train, valid
 
 
@@ -62,7 +63,7 @@ def data_iterators(cfg: Config, dataset, consumed_samples: int, num_chunks: int)
         micro_batches(dataset, consumed_samples=consumed_samples, micro_batch_size=cfg.train.micro_batch_size,
                       global_batch_size=cfg.train.global_batch_size,
                       dp_rank=parallel_state.get_data_parallel_rank(),
-                      dp_size=parallel_state.get_data_parallel_world_size(), device=platform.device())
+                      dp_size=parallel_state.get_data_parallel_world_size(), device=runtime.device())
         for _ in range(num_chunks)
     ]
 
@@ -72,7 +73,7 @@ def setup_run(cfg: Config):
     configuration (finalize.resolve: its vocabulary known); the optimizer is the one finalize chooses for it."""
     cfg = with_optimizer_choice(cfg)
     p = cfg.parallel
-    platform.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+    runtime.init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                               p.virtual_pipeline_model_parallel_size, p.distributed_backend,
                               p.distributed_timeout_minutes, cfg.train.seed)
     model = build_ddp_model_chunks(cfg)

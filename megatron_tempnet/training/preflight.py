@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .. import platform
+from .. import runtime
 from ..config import Config, ConfigError
 from ..models.registry import get_family, model_dims
 
@@ -46,7 +46,7 @@ def checkpoint_bytes(cfg: Config) -> int:
     """Bytes of one checkpoint: weights in their dtype plus fp32 master weights (16-bit training) and
     Adam's two fp32 moments."""
     n = parameter_count(cfg)
-    weight_bytes = 4 if cfg.train.precision in ("fp32",) or (cfg.train.precision == "auto" and not platform.use_cuda()) else 2
+    weight_bytes = 4 if cfg.train.precision in ("fp32",) or (cfg.train.precision == "auto" and not runtime.use_cuda()) else 2
     master = 0 if weight_bytes == 4 else 4
     return n * (weight_bytes + master + 8)
 
@@ -170,8 +170,8 @@ def run_checks(cfg: Config, world_size: int, *, cuda_available: Optional[bool] =
     from ..finalize import validate
 
     cfg = copy.deepcopy(cfg)
-    cuda = platform.use_cuda() if cuda_available is None else cuda_available
-    te = platform.transformer_engine_available() if te_available is None else te_available
+    cuda = runtime.use_cuda() if cuda_available is None else cuda_available
+    te = runtime.transformer_engine_available() if te_available is None else te_available
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     tokenizer_check = _check("tokenizer", lambda: _check_tokenizer(cfg, tokenizer))  # first: it fills in the vocabulary
     config = _check("config", lambda: validate(cfg, world_size, cuda_available=cuda, te_available=te)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .. import platform
+from .. import runtime
 from ..config import Config
 from ..models.language_model import LMOutput
 from ..models.tempnet import TempNet, shared_across_micro_batches
@@ -36,7 +36,7 @@ DIAGNOSED = ("tau_opt", "entropy", "logit_scale")
 
 def loss_func(loss_mask: torch.Tensor, output: LMOutput):
     """(loss sum, token count, report) for one micro-batch on the last stage."""
-    with platform.native_torch():  # our code asks for no CUDA device
+    with runtime.native_torch():  # our code asks for no CUDA device
         mask = loss_mask.float()
         loss_sum = (output.loss * mask).sum()
         tokens = mask.sum()
@@ -58,7 +58,7 @@ def loss_func(loss_mask: torch.Tensor, output: LMOutput):
 
 
 def forward_step(extensions: Sequence[StepExtension], data_iterator: Iterator[Batch], model: torch.nn.Module):
-    with platform.native_torch():  # the data pipeline and the model ask for no CUDA device
+    with runtime.native_torch():  # the data pipeline and the model ask for no CUDA device
         batch = next(data_iterator)
         for ext in extensions:
             ext.before_forward(model, batch)
@@ -82,7 +82,7 @@ def _reduce_reports(reports: list) -> tuple[torch.Tensor, Optional[torch.Tensor]
         if "tau" in reports[0]:
             tau, mask = (torch.cat([r[k].reshape(-1) for r in reports]) for k in ("tau", "mask"))
             taus = tau[mask.bool()].cpu()
-    stats = stats.to(platform.device())
+    stats = stats.to(runtime.device())
     if last_stage:
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -150,7 +150,7 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     """
     for chunk in model:
         chunk.zero_grad_buffer()
-    with platform.native_torch():
+    with runtime.native_torch():
         optimizer.zero_grad()
     reports = _run_schedule(cfg, model, data_iterators, forward_only=False)
     stats, taus = _reduce_reports(reports)
@@ -163,7 +163,7 @@ def train_step(cfg: Config, model: List[torch.nn.Module], optimizer, scheduler, 
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     update_successful = not found_inf and math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
     if update_successful:
-        with platform.native_torch():  # the update asks for no CUDA device (grad clipping does)
+        with runtime.native_torch():  # the update asks for no CUDA device (grad clipping does)
             optimizer.step_with_ready_grads()
         scheduler.step(increment=cfg.train.global_batch_size)
     metrics.update(grad_norm=grad_norm, update_successful=update_successful,

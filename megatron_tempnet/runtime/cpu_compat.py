@@ -1,11 +1,5 @@
-"""Where a run executes: the device, the torch.distributed backend, and megatron-core's process groups.
-
-NCCL + CUDA when a GPU is present, gloo + CPU otherwise. Ranks are found from torchrun's environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or, when srun starts one task per rank,
-from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST, SLURM_JOB_ID).
-
-This is also the one place that adapts megatron-core to a CPU. megatron-core 0.16 assumes CUDA in a few
-spots; on a machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of them work on the CPU:
+"""The one place that adapts megatron-core to a CPU. megatron-core 0.16 assumes CUDA in a few spots; on a
+machine without CUDA, `adapt_megatron_core_for_cpu()` makes each of them work on the CPU:
 
 | megatron-core assumes                                      | on CPU                                        |
 |------------------------------------------------------------|-----------------------------------------------|
@@ -25,100 +19,19 @@ hooks are Python, four per parameter per micro-batch), wrapped here. For the sam
 torch's foreach kernels in place of megatron-core's fallbacks for apex's multi-tensor ones, which loop over the
 tensors in Python (and sync once per tensor for the norm); same values.
 
-Nothing else in the project patches megatron-core; tests/test_platform.py checks each row.
+Nothing else in the project patches megatron-core; tests/test_runtime.py checks each row.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
-import hashlib
 import os
-import re
-import socket
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'node[01-04,07]' -> 'node01', 'a,b' -> 'a'."""
-    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
-def discover_env(environ: Optional[dict] = None) -> DistEnv:
-    """Rank layout from torchrun's variables, else SLURM's, else a single process."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job = env.get("SLURM_JOB_ID", "0")
-        # A port derived from the job id: jobs sharing a node do not collide, and every task agrees.
-        port = 20000 + int(hashlib.sha1(job.encode()).hexdigest(), 16) % 20000
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")),
-            master_port=int(env.get("MASTER_PORT", port)),
-        )
-    # A lone process agrees its port with nobody: any free one, so that single-process runs can share a machine.
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port())
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def use_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine can be imported on a CUDA machine. Never imports it on a CPU machine
-    (importing it there fails, and breaks megatron-core)."""
-    if not use_cuda():
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------------------
-# CPU adaptation of megatron-core
-# ----------------------------------------------------------------------------------------------------
+from .devices import use_cuda
 
 
 class _CpuStream:
@@ -243,65 +156,3 @@ def pipeline_p2p_config() -> dict:
     path posts them in an even/odd order that matches on both sides; NCCL needs no such care.
     """
     return {"batch_p2p_comm": use_cuda()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Process groups
-# ----------------------------------------------------------------------------------------------------
-
-
-def init_distributed(
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: Optional[int] = None,
-    backend: str = "auto",
-    timeout_minutes: int = 10,
-    seed: int = 1234,
-) -> DistEnv:
-    """Start torch.distributed and megatron-core's model-parallel groups, and seed every RNG.
-
-    Seeds: the CPU generator gets `seed` (so model initialisation is the same on every rank; with
-    megatron-core's CPU initialisation each rank takes its slice of one full weight), and CUDA's
-    model-parallel tracker gets megatron-core's per-TP-rank seeds.
-    """
-    from megatron.core import parallel_state, tensor_parallel
-
-    env = discover_env()
-    if backend == "auto":
-        backend = "nccl" if use_cuda() else "gloo"
-    if use_cuda():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        adapt_megatron_core_for_cpu()
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        distributed_timeout_minutes=timeout_minutes,
-    )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not use_cuda(), force_reset_rng=True)
-    return env
-
-
-def dist_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

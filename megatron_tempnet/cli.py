@@ -1,4 +1,5 @@
-"""Shared plumbing for the data tools (tools/*.py): quiet imports and user-error handling.
+"""Shared plumbing for the command-line tools (tools/*.py, the trainer, the generator): quiet imports and
+user-error handling.
 
 User errors (bad input, missing files, mismatched vocabularies) end the tool with exit status 1 and one
 line "error: <problem and fix>" on stderr, without a traceback. Anything else is a bug and keeps its

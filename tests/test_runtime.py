@@ -1,34 +1,34 @@
-"""platform.py: rank discovery from torchrun and SLURM, and each CPU adaptation of megatron-core."""
+"""runtime/: rank discovery from torchrun and SLURM, and each CPU adaptation of megatron-core."""
 import torch
 
-from megatron_tempnet import platform
+from megatron_tempnet import runtime
 
 
 def test_torchrun_environment():
-    env = platform.discover_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
-    assert env == platform.DistEnv(3, 4, 1, "n1", 1234)
+    env = runtime.discover_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert env == runtime.DistEnv(3, 4, 1, "n1", 1234)
 
 
 def test_slurm_environment_without_hand_set_variables():
-    env = platform.discover_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+    env = runtime.discover_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                                  "SLURM_NODELIST": "gpu[07-08,12]", "SLURM_JOB_ID": "4242"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu07")
-    same_job = platform.discover_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu07",
+    same_job = runtime.discover_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu07",
                                       "SLURM_JOB_ID": "4242"})
     assert same_job.master_port == env.master_port and 20000 <= env.master_port < 40000
 
 
 def test_single_process_default():
-    env = platform.discover_env({})
+    env = runtime.discover_env({})
     assert (env.rank, env.world_size) == (0, 1)
     assert env.master_port > 0  # a free port of its own, so that single-process runs can share a machine
-    assert platform.discover_env({"MASTER_PORT": "4321"}).master_port == 4321
+    assert runtime.discover_env({"MASTER_PORT": "4321"}).master_port == 4321
 
 
 def test_slurm_nodelist_forms():
-    assert platform._first_slurm_host("a01,a02") == "a01"
-    assert platform._first_slurm_host("node[3-5]") == "node3"
-    assert platform._first_slurm_host("solo") == "solo"
+    assert runtime.launch._first_slurm_host("a01,a02") == "a01"
+    assert runtime.launch._first_slurm_host("node[3-5]") == "node3"
+    assert runtime.launch._first_slurm_host("solo") == "solo"
 
 
 def test_cpu_adaptation_maps_cuda_requests_to_cpu(single_rank):
@@ -79,17 +79,17 @@ def test_cpu_grad_clipping_kernels_give_megatron_core_fallback_values(single_ran
     from megatron.core.optimizer import clip_grads
     from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
-    from megatron_tempnet import platform
+    from megatron_tempnet import runtime
 
-    assert clip_grads.l2_norm_impl is platform.foreach_l2_norm
+    assert clip_grads.l2_norm_impl is runtime.foreach_l2_norm
     grads = [torch.randn(7, 3), torch.randn(5), torch.randn(2, 2, 2)]
     theirs, _ = local_multi_tensor_l2_norm(0, None, [grads], False)
-    ours, _ = platform.foreach_l2_norm(0, None, [grads], False)
+    ours, _ = runtime.foreach_l2_norm(0, None, [grads], False)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     expected = [g.clone() for g in grads]
     local_multi_tensor_scale(0, None, [expected, expected], 0.3)
-    platform.foreach_scale(0, None, [grads, grads], 0.3)  # in place, as clip_grad_by_total_norm_fp32 calls it
+    runtime.foreach_scale(0, None, [grads, grads], 0.3)  # in place, as clip_grad_by_total_norm_fp32 calls it
     copies = [torch.empty_like(g) for g in grads]
-    platform.foreach_scale(0, None, [grads, copies], 2.0)
+    runtime.foreach_scale(0, None, [grads, copies], 2.0)
     for g, e, c in zip(grads, expected, copies):
         assert torch.equal(g, e) and torch.equal(c, g * 2.0)
