@@ -173,8 +173,7 @@ def test_missing_and_partial_checkpoints_are_named(tmp_path):
 
 
 def test_other_model_shape_and_impossible_layout_are_refused(tmp_path):
-    from megatron_tempnet.checkpoint import (CheckpointError, check_layout_fits, check_model_matches,
-                                                         read_info)
+    from megatron_tempnet.checkpoint import CheckpointError, check_layout_fits, check_model_matches, read_info
 
     ckpt = _fake_checkpoint(tmp_path / "iter_0000002")
     saved = read_info(ckpt)["config"]
@@ -186,6 +185,9 @@ def test_other_model_shape_and_impossible_layout_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="--tempnet-enabled"):
         check_model_matches(saved, tiny_config("gpt", tempnet=False), str(ckpt), tempnet_optional=False)
     check_model_matches(saved, tiny_config("gpt", tempnet=False), str(ckpt), tempnet_optional=True)  # weights only
+    with pytest.raises(CheckpointError, match=r"--untie-embeddings-and-output-weights: checkpoint True, this run False"):
+        check_model_matches(saved, tiny_config("gpt", model__untie_embeddings_and_output_weights=True), str(ckpt),
+                            tempnet_optional=False)
     with pytest.raises(CheckpointError, match=r"TP=8 x PP=3: its 4 attention heads do not split over TP=8.*"
                                               r"its 4 layers do not split over 3 pipeline stages.*TP in \[1, 2, 4\]"):
         check_layout_fits(saved["model"], 8, 3)

@@ -25,6 +25,7 @@ def _shape_fields(cfg_model: dict, tempnet: dict) -> dict:
         "ffn_hidden_size": dims.ffn_hidden_size,
         "padded vocabulary": dims.padded_vocab_size,
         "position embeddings": dims.position_embeddings,
+        "tied embeddings": dims.tied_embeddings,
         "tempnet": bool(tempnet.get("enabled")),
         "tempnet_kind": tempnet.get("kind", "network") if tempnet.get("enabled") else None,
         "tempnet_hidden_size": tempnet.get("hidden_size") if tempnet.get("enabled") and
@@ -35,7 +36,8 @@ def _shape_fields(cfg_model: dict, tempnet: dict) -> dict:
 _FLAG = {"arch": "--arch", "num_layers": "--num-layers", "hidden_size": "--hidden-size",
          "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
          "ffn_hidden_size": "--ffn-hidden-size", "padded vocabulary": "--vocab-size / --make-vocab-size-divisible-by",
-         "position embeddings": "--max-position-embeddings / --seq-length", "tempnet": "--tempnet-enabled",
+         "position embeddings": "--max-position-embeddings / --seq-length",
+         "tied embeddings": "--untie-embeddings-and-output-weights", "tempnet": "--tempnet-enabled",
          "tempnet_kind": "--tempnet-kind", "tempnet_hidden_size": "--tempnet-hidden-size"}
 
 
