@@ -1,7 +1,7 @@
 """The Qwen2-style family (LLaMA plus QKV biases, tied or untied embeddings, its own rotary base): TP=2 x PP=2
 training equals the single-rank run; a TP=2 x PP=2 checkpoint exports (without a process group) to a folder
-that transformers loads as Qwen2ForCausalLM with our logits; HF -> ours -> HF is identical; TempNet on a Qwen2
-is refused by the exporter before any work; the example config loads."""
+that transformers loads as Qwen2ForCausalLM with our logits; HF -> ours -> HF is identical; a Qwen2 with TempNet
+exports to the TempNet custom-code model with our temperatures; the example config loads."""
 import json
 
 import pytest
@@ -41,16 +41,17 @@ def _train(cfgs):
 
 
 def _our_logits(folders):
-    """Our model's logits [b, s, V] for PROMPT, per checkpoint folder (1 rank), and each HF round trip's
-    checkpoint (import needs a process group)."""
+    """Our model's (logits [b, s, V], tau [b, s] or None) for PROMPT, per checkpoint folder (1 rank), and each HF
+    round trip's checkpoint (import needs a process group) where an HF folder is given."""
     from megatron_tempnet.hf.io import import_from_hf
     from megatron_tempnet.inference.model import forward, load_checkpoint_model
 
     out = {}
     for ckpt, hf_dir, back in folders:
         model, _, _ = load_checkpoint_model(ckpt)
-        out[ckpt] = forward(model, torch.tensor(PROMPT))[0]
-        import_from_hf(hf_dir, back)
+        out[ckpt] = forward(model, torch.tensor(PROMPT))
+        if hf_dir:
+            import_from_hf(hf_dir, back)
     return out
 
 
@@ -70,10 +71,12 @@ def exported(tmp_path_factory):
     spawn(_train, 1, cfgs[2:])
     for case in cases:
         export_to_hf(str(root / case), str(root / f"hf_{case}"))
-    logits = spawn(_our_logits, 1, [(str(root / c), str(root / f"hf_{c}"), str(root / f"back_{c}")) for c in cases])[0]
+    folders = [(str(root / c), str(root / f"hf_{c}"), str(root / f"back_{c}")) for c in cases]
+    outputs = spawn(_our_logits, 1, folders + [(str(root / "tempnet"), None, None)])[0]
     for case in cases:
         export_to_hf(str(root / f"back_{case}"), str(root / f"hf_again_{case}"))
-    return root, {case: logits[str(root / case)] for case in cases}
+    return root, {case: outputs[str(root / case)][0] for case in (*cases, "tempnet")} | {
+        "tempnet_tau": outputs[str(root / "tempnet")][1]}
 
 
 @pytest.mark.parametrize("case", ["untied", "tied"])
@@ -113,15 +116,29 @@ def test_hf_to_ours_to_hf_is_identical(exported, case):
         assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
 
 
-def test_tempnet_on_qwen2_is_refused_before_any_work(exported, tmp_path):
-    from megatron_tempnet.hf.convert import ConversionError
+def test_tempnet_on_qwen2_exports_with_our_temperatures(exported, tmp_path):
+    """The TempNet custom code is made for the folder's model_type: a Qwen2 with TempNet loads (trust_remote_code)
+    as TempNetQwen2ForCausalLM, a Qwen2ForCausalLM, with our logits and temperatures, and generates with them."""
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
     from megatron_tempnet.hf.io import export_to_hf
 
-    root, _ = exported
-    with pytest.raises(ConversionError, match="TempNet on a Qwen2 model has no Hugging Face class .*; export a "
-                                              "checkpoint without TempNet"):
-        export_to_hf(str(root / "tempnet"), str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+    root, ours = exported
+    export_to_hf(str(root / "tempnet"), str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_tempnet.TempNetQwen2ForCausalLM"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert type(model).__name__ == "TempNetQwen2ForCausalLM" and isinstance(model, Qwen2ForCausalLM)
+    with torch.no_grad():
+        logits = model(torch.tensor(PROMPT)).logits.float()
+        taus = model.tempnet(logits)
+    assert float((logits - ours["tempnet"]).abs().max()) < 1e-4
+    assert float((taus - ours["tempnet_tau"]).abs().max()) < 1e-4
+    assert float(ours["tempnet_tau"].std()) > 0  # each position its own temperature
+    out = model.generate(torch.tensor(PROMPT[:1]), attention_mask=torch.ones(1, len(PROMPT[0]), dtype=torch.long),
+                         max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    new = out.sequences.shape[1] - len(PROMPT[0])
+    assert new >= 1 and out.taus.shape == (1, new) and bool(torch.isfinite(out.taus[0, 0]))
 
 
 def test_example_config_loads():

@@ -9,12 +9,12 @@
     python -m megatron_tempnet.train ... --pretrained-checkpoint ckpt/llama --mode frozen_lm --tempnet-enabled
 
 GPT -> GPT2LMHeadModel, LLaMA -> LlamaForCausalLM, Qwen2 -> Qwen2ForCausalLM, weights as safetensors, the
-tokenizer (tokenizer.json built from the sentencepiece model, plus the .model itself). With TempNet (GPT and
-LLaMA) the folder holds the TempNet model (modeling_tempnet.py and the files it imports, auto_map in
+tokenizer (tokenizer.json built from the sentencepiece model, plus the .model itself). With TempNet (any
+family) the folder holds the TempNet model (modeling_tempnet.py and the files it imports, auto_map in
 config.json): loaded with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (or through `pipeline`), its `generate`
 samples with TempNet's per-token temperatures like `python -m megatron_tempnet.generate`; loaded without
-trust_remote_code it is the plain GPT-2 / LLaMA, which samples at tau = 1. Runs in one CPU process; no torchrun
+trust_remote_code it is the plain GPT-2 / LLaMA / Qwen2, which samples at tau = 1. Runs in one CPU process; no torchrun
 (export starts no process group).
 """
 from __future__ import annotations

@@ -47,12 +47,9 @@ def hf_config(cfg: Config, special_ids: Dict[str, int], tempnet: Optional[dict] 
     kwargs = adapter.to_hf_config(special_ids)  # (save_pretrained writes the architectures)
     if not tempnet:
         return AutoConfig.for_model(adapter.model_type, **kwargs)
-    from .configuration_tempnet import TEMPNET_CONFIGS
+    from .configuration_tempnet import tempnet_config_class
 
-    if adapter.model_type not in TEMPNET_CONFIGS:
-        raise ConversionError(f"TempNet on a {adapter.label} model has no Hugging Face class in modeling_tempnet.py "
-                              f"(it has {', '.join(TEMPNET_CONFIGS)}); export a checkpoint without TempNet")
-    return TEMPNET_CONFIGS[adapter.model_type](tempnet=tempnet, **kwargs)
+    return tempnet_config_class(adapter.model_type)(tempnet=tempnet, **kwargs)
 
 
 def to_hf_state_dict(cfg: Config, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

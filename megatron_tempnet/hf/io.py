@@ -9,8 +9,8 @@ The Hugging Face folder holds: config.json, generation_config.json (sampling as
 `python -m megatron_tempnet.generate` does by default: do_sample, top_k 0, top_p 1, temperature 1),
 model.safetensors (fp32 unless a dtype is asked for); the tokenizer (tokenizer.json for transformers 5 and
 the sentencepiece tokenizer.model) when the run had a sentencepiece --tokenizer-model; megatron_tempnet.json
-(where it came from). With TempNet, the model is modeling_tempnet.py's (GPT-2 / LLaMA whose generate applies
-TempNet), written by transformers' save_pretrained for custom code: the .py files beside the weights, an
+(where it came from). With TempNet, the model is modeling_tempnet.py's (the family's transformers class whose
+generate applies TempNet), written by transformers' save_pretrained for custom code: the .py files beside the weights, an
 auto_map in config.json (loaded with trust_remote_code=True), config.json's "tempnet" entry, TempNet's
 weights as the tempnet.* tensors of model.safetensors (fp32 at every --dtype), and a "tempnet" entry in
 generation_config.json that says so.
@@ -55,9 +55,9 @@ def _hf_model_class(hcfg, architecture: str):
     """The transformers class of a config from hf_config: modeling_tempnet's when it carries TempNet, else
     transformers' `architecture` (the family adapter's)."""
     if getattr(hcfg, "tempnet", None):
-        from .modeling_tempnet import TEMPNET_MODELS
+        from .modeling_tempnet import tempnet_model_class
 
-        return TEMPNET_MODELS[hcfg.model_type]
+        return tempnet_model_class(hcfg.model_type)
     import transformers
 
     return getattr(transformers, architecture)
@@ -153,13 +153,15 @@ def load_hf_model(folder: str | os.PathLike):
         tempnet, _ = check_folder(folder)
         if tempnet is None:
             return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto"), None
-        from .modeling_tempnet import TEMPNET_MODELS
+        from .modeling_tempnet import tempnet_model_class
 
         model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-        if model_type not in TEMPNET_MODELS:
-            raise GenerationError(f"{folder}: TempNet on a {model_type!r} model, which tools/convert_to_hf.py does not "
-                                  "write; pass a folder it wrote (GPT-2 or LLaMA)")
-        model = TEMPNET_MODELS[model_type].from_pretrained(str(folder), dtype="auto")
+        try:
+            model_class = tempnet_model_class(model_type)
+        except KeyError:
+            raise GenerationError(f"{folder}: TempNet on a {model_type!r} model, which transformers has no causal LM "
+                                  "for; pass a folder tools/convert_to_hf.py wrote") from None
+        model = model_class.from_pretrained(str(folder), dtype="auto")
     except TempNetFolderError as err:
         raise GenerationError(str(err)) from None
     return model, model.tempnet

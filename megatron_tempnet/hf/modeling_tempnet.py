@@ -1,4 +1,4 @@
-"""GPT-2 and LLaMA whose `generate` samples with TempNet's per-token temperatures (self-contained: torch,
+"""Causal LMs whose `generate` samples with TempNet's per-token temperatures (self-contained: torch,
 safetensors, transformers; tools/convert_to_hf.py copies it, configuration_tempnet.py and tempnet_processor.py
 into the converted folder, and config.json's auto_map points at them).
 
@@ -8,7 +8,8 @@ into the converted folder, and config.json's auto_map points at them).
     out.sequences, out.taus                                                      # taus [rows, new tokens]
     pipeline("text-generation", model=folder, trust_remote_code=True)("def f(") # the same model and sampling
 
-The models are GPT2LMHeadModel / LlamaForCausalLM plus `tempnet`, a TempNetHead whose weights are the
+`TempNet<Base>` (TempNetGPT2LMHeadModel, TempNetLlamaForCausalLM, TempNetQwen2ForCausalLM, ...) is the
+transformers causal LM `<Base>` of the folder's model_type plus `tempnet`, a TempNetHead whose weights are the
 `tempnet.*` tensors of model.safetensors (kept in fp32 whatever dtype the model loads in). `generate` adds a
 TempNetLogitsProcessor: each next-token distribution is softmax(z / tau / temperature) with tau TempNet's
 temperature for that position, then top-k / top-p, then sampling, in the order and with the random draws of
@@ -28,9 +29,11 @@ import os
 from typing import List, Optional
 
 import torch
-from transformers import GPT2LMHeadModel, LlamaForCausalLM, LogitsProcessorList
+import transformers
+from transformers import LogitsProcessorList
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .configuration_tempnet import TempNetGPT2Config, TempNetLlamaConfig
+from .configuration_tempnet import PREFIX, tempnet_config_class
 from .tempnet_processor import WEIGHT_PREFIX, TempNetFolderError, TempNetHead, TempNetLogitsProcessor, check_folder
 
 
@@ -94,22 +97,34 @@ class TempNetGenerationMixin:
             eos = eos.tolist()
         return [eos] if isinstance(eos, int) else [int(e) for e in eos]
 
-class TempNetGPT2LMHeadModel(TempNetGenerationMixin, GPT2LMHeadModel):
-    config_class = TempNetGPT2Config
 
-    def __init__(self, config: TempNetGPT2Config):
-        super().__init__(config)
-        self._attach_tempnet(config)
+_MADE: dict = {}  # class name -> class
 
 
-class TempNetLlamaForCausalLM(TempNetGenerationMixin, LlamaForCausalLM):
-    config_class = TempNetLlamaConfig
+def tempnet_model_class(model_type: str) -> type:
+    """TempNet's causal-LM class for config.json's `model_type`, made on first use (the module docstring);
+    KeyError: transformers has no causal LM of that type."""
+    base_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    name = PREFIX + base_name
+    if name not in _MADE:
+        base = getattr(transformers, base_name)
 
-    def __init__(self, config: TempNetLlamaConfig):
-        super().__init__(config)
-        self._attach_tempnet(config)
+        def __init__(self, config):
+            base.__init__(self, config)
+            self._attach_tempnet(config)
+
+        cls = type(name, (TempNetGenerationMixin, base), {
+            "__module__": __name__, "__init__": __init__, "config_class": tempnet_config_class(model_type),
+            "__doc__": f"{base_name} whose generate applies TempNet's temperatures."})
+        cls.register_for_auto_class("AutoModelForCausalLM")
+        _MADE[name] = cls
+    return _MADE[name]
 
 
-TEMPNET_MODELS = {"gpt2": TempNetGPT2LMHeadModel, "llama": TempNetLlamaForCausalLM}  # by config.json's model_type
-for _model in TEMPNET_MODELS.values():
-    _model.register_for_auto_class("AutoModelForCausalLM")
+def __getattr__(name: str) -> type:
+    """TempNet<Base> by name, made on first use: how transformers finds the class config.json's auto_map names.
+    (Several model types can share one class, e.g. LlamaForCausalLM: the class's own config says which.)"""
+    base = getattr(transformers, name[len(PREFIX):], None) if name.startswith(PREFIX) else None
+    if base is None or name[len(PREFIX):] not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return tempnet_model_class(base.config_class.model_type)
