@@ -69,8 +69,12 @@ def exported(tmp_path_factory):
     cfgs.append(qwen2_config(False, train__train_iters=1, checkpoint__save=str(root / "tempnet")))
     spawn(_train, 4, cfgs[:2])
     spawn(_train, 1, cfgs[2:])
+    import torch.distributed as dist
+
+    started = dist.is_initialized()  # (another test of this process may have left a group)
     for case in cases:
         export_to_hf(str(root / case), str(root / f"hf_{case}"))
+    assert dist.is_initialized() == started  # the export started no process group
     folders = [(str(root / c), str(root / f"hf_{c}"), str(root / f"back_{c}")) for c in cases]
     outputs = spawn(_our_logits, 1, folders + [(str(root / "tempnet"), None, None)])[0]
     for case in cases:
@@ -81,11 +85,9 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["untied", "tied"])
 def test_export_loads_as_qwen2_with_our_logits(exported, case):
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     root, ours = exported
-    assert not dist.is_initialized()  # the fixture exported in this process
     folder = root / f"hf_{case}"
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
