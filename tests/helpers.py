@@ -81,3 +81,19 @@ def tiny_config(arch: str = "gpt", tempnet: bool = True, **overrides):
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def assert_same_hf_folders(a, b, must_hold) -> None:
+    """Two Hugging Face folders with identical tensors (among them one whose key satisfies `must_hold`, so the
+    comparison covers what the caller cares about), config.json and generation_config.json."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys() and any(must_hold(k) for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import spawn, tiny_config
+from helpers import assert_same_hf_folders, spawn, tiny_config
 
 TP2PP2 = dict(parallel__tensor_model_parallel_size=2, parallel__pipeline_model_parallel_size=2)
 VOCAB = 300  # the tokenizer's; padded to 384
@@ -169,15 +169,8 @@ def test_our_generator_command_line_samples_what_the_fixture_compares(converted)
 
 
 def _assert_same_folders(a, b):
-    """Two Hugging Face folders with identical tensors, configs and copied files."""
-    from safetensors.torch import load_file
-
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert ta.keys() == tb.keys() and any(k.startswith("tempnet.") for k in ta)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    for name in ("config.json", "generation_config.json"):
-        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+    """Two Hugging Face folders with identical tensors (TempNet's among them), configs and copied files."""
+    assert_same_hf_folders(a, b, lambda key: key.startswith("tempnet."))
     for name in ("modeling_tempnet.py", "configuration_tempnet.py", "tempnet_processor.py", "tokenizer.json",
                  "tokenizer.model"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name

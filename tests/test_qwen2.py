@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import spawn, tiny_config
+from helpers import assert_same_hf_folders, spawn, tiny_config
 from test_parallel_equivalence import STEPS, _global_taus, _train_steps
 
 pytestmark = pytest.mark.slow
@@ -106,16 +106,8 @@ def test_export_loads_as_qwen2_with_our_logits(exported, case):
 
 @pytest.mark.parametrize("case", ["untied", "tied"])
 def test_hf_to_ours_to_hf_is_identical(exported, case):
-    from safetensors.torch import load_file
-
     root, _ = exported
-    a, b = root / f"hf_{case}", root / f"hf_again_{case}"
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert ta.keys() == tb.keys() and any(k.endswith("q_proj.bias") for k in ta)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    for name in ("config.json", "generation_config.json"):
-        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+    assert_same_hf_folders(root / f"hf_{case}", root / f"hf_again_{case}", lambda key: key.endswith("q_proj.bias"))
 
 
 def test_tempnet_on_qwen2_exports_with_our_temperatures(exported, tmp_path):

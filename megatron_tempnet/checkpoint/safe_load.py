@@ -139,7 +139,11 @@ def _strategy_classes() -> Tuple[type, type]:
             return super().load_tensors_metadata(checkpoint_dir, metadata)
 
         def load_sharded_metadata(self, checkpoint_dir):
-            raise NotImplementedError("not used by megatron-tempnet")
+            # megatron-core asks for it only for a strict-mismatch check (dist_checkpointing.load with a `strict`
+            # that compares against the checkpoint's keys); our loads never ask for one, and compare the model
+            # with compat.py instead. Refused rather than rebuilt from the checkpoint's pickled metadata unchecked.
+            raise CheckpointError(f"{checkpoint_dir}: a strict key-mismatch check is not supported by the safe loader; "
+                                  "load through megatron_tempnet.checkpoint (load_checkpoint, load_model_weights)")
 
     class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         def load_common(self, checkpoint_dir):

@@ -10,6 +10,7 @@ group one after the other.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,7 +22,7 @@ class ConversionError(ValueError):
     """A model that cannot be converted. The message names the problem and the fix."""
 
 
-class HFAdapter:
+class HFAdapter(ABC):
     """Converts one model of ours (`m`) to and from one transformers architecture, on full (unsharded) state
     dicts: ours with the keys of the TP = PP = 1 model built with the local spec, theirs as transformers has them.
 
@@ -39,14 +40,14 @@ class HFAdapter:
 
         self.m, self.dims = m, model_dims(m)
 
+    @abstractmethod
     def to_hf_config(self, special_ids: Dict[str, int]) -> dict:
         """The transformers config's arguments (true vocabulary, fp32); special_ids: "bos" / "eos" / "pad"."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def hf_config_problems(cls, hf_cfg: dict) -> List[str]:
         """What a Hugging Face config.json of this model type has that our model has not."""
-        raise NotImplementedError
 
     @classmethod
     def from_hf_config(cls, hf_cfg: dict, where: str) -> ModelConfig:
@@ -59,17 +60,17 @@ class HFAdapter:
         return cls.model_config(hf_cfg)
 
     @classmethod
+    @abstractmethod
     def model_config(cls, hf_cfg: dict) -> ModelConfig:
         """Our model config for a Hugging Face config.json that hf_config_problems accepts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_hf(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Our full state dict -> the Hugging Face model's (copies; the true vocabulary)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_hf(self, hf: Dict[str, torch.Tensor], *, tie_word_embeddings: bool) -> Dict[str, torch.Tensor]:
         """A Hugging Face state dict -> our full state dict (fp32; the vocabulary padded with zero rows)."""
-        raise NotImplementedError
 
 
 def attention_dims(m: ModelConfig) -> Tuple[int, int, int, int]:
